@@ -1,0 +1,140 @@
+"""Masks and per-channel scales -> a physically smaller model; folding; ONNX export."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.cost import CostModel
+from pruning.groups import ChannelGraph, ChannelGroup
+
+
+def scaled_layers(model: nn.Module, group: ChannelGroup) -> list[nn.Module]:
+    """Where a group's per-channel scale acts: right after each producer's BN (or the producer itself)."""
+    return [model.get_submodule(n) for n in group.scale_layers]
+
+
+@contextmanager
+def channel_scales(model: nn.Module, graph: ChannelGraph, scales: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Temporarily multiply each group's channels by `scales[g]` (a mask when 0/1): the 'masked model'."""
+    handles = []
+
+    def hook(scale: torch.Tensor):
+        def fn(_module, _inputs, output):
+            shape = [1, -1] + [1] * (output.dim() - 2)
+            return output * scale.to(output.device, output.dtype).view(shape)
+        return fn
+
+    try:
+        for group, scale in zip(graph.groups, scales, strict=True):
+            if scale is None:
+                continue
+            for layer in scaled_layers(model, group):
+                handles.append(layer.register_forward_hook(hook(scale.detach().float())))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module, graph: ChannelGraph, scales: Sequence[torch.Tensor | None]) -> None:
+    """Multiply each group's scale into the layers it acts on, in place (exact: they are affine per channel)."""
+    for group, scale in zip(graph.groups, scales, strict=True):
+        if scale is None:
+            continue
+        for layer in scaled_layers(model, group):
+            s = scale.detach().to(layer.weight.device, layer.weight.dtype)
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.weight.mul_(s)
+                layer.bias.mul_(s)
+            else:
+                layer.weight.mul_(s.view([-1] + [1] * (layer.weight.dim() - 1)))
+                if layer.bias is not None:
+                    layer.bias.mul_(s)
+
+
+def masks_from_counts(scores: Sequence[torch.Tensor], keep_counts: Sequence[int]) -> list[torch.Tensor]:
+    """Keep the `keep_counts[g]` highest-scoring channels of every group."""
+    masks = []
+    for score, count in zip(scores, keep_counts, strict=True):
+        mask = torch.zeros(len(score), dtype=torch.bool)
+        mask[torch.topk(score.detach().float(), int(count)).indices] = True
+        masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
+                scales: Sequence[torch.Tensor | None] | None = None) -> nn.Module:
+    """A physically smaller copy of `model` keeping the masked channels (scales folded in first)."""
+    if len(keep_masks) != len(graph.groups):
+        raise ValueError(f"expected {len(graph.groups)} masks, got {len(keep_masks)}")
+    for group, mask in zip(graph.groups, keep_masks, strict=True):
+        if mask.shape != (group.size,):
+            raise ValueError(f"group {group.index} ({group.root}) has {group.size} channels, mask {tuple(mask.shape)}")
+        if not bool(mask.any()):
+            raise ValueError(f"group {group.index} ({group.root}) would keep no channel")
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval()
+    if scales is not None:
+        fold_scales(pruned, graph, scales)
+    dg = graph.dependency_graph(pruned)
+    for group, mask in zip(graph.groups, keep_masks, strict=True):
+        removed = torch.nonzero(~mask.bool()).flatten().tolist()
+        if not removed:
+            continue
+        root = pruned.get_submodule(group.root)
+        pruning_group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs=removed)
+        pruning_group.prune()
+    pruned.train(was_training)
+    return pruned
+
+
+def round_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int) -> list[int]:
+    """Round every kept count to the nearest multiple of `multiple`, staying within [multiple, size]."""
+    if multiple <= 1:
+        return [int(c) for c in keep_counts]
+    rounded = []
+    for count, size in zip(keep_counts, sizes, strict=True):
+        nearest = int(math.floor(count / multiple + 0.5)) * multiple
+        rounded.append(int(min(size, max(min(multiple, size), nearest))))
+    return rounded
+
+
+def pruned_arch(arch_json: Mapping, cost_model: CostModel, keep_counts: Sequence[int]) -> dict:
+    """The arch.json of the model whose groups keep `keep_counts` channels (no weights involved)."""
+    shapes = cost_model.layer_shapes(keep_counts)
+    layers = {name: dict(spec) for name, spec in arch_json["layers"].items()}
+    for layer in cost_model.layers:
+        cin, cout = shapes[layer.name]
+        spec = layers[layer.name]
+        if layer.kind == "conv":
+            spec.update(in_channels=cin, out_channels=cout, groups=cout if layer.depthwise else layer.groups)
+        else:
+            spec.update(in_features=cin, out_features=cout)
+    for norm, features in cost_model.norm_features(keep_counts).items():
+        layers[norm]["num_features"] = features
+    return {**arch_json, "layers": layers}
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], opset: int = 17) -> Path:
+    """Export `model` in eval mode to ONNX with a fixed input shape (input 'input', output 'logits')."""
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.randn(*input_shape, device=device)
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamo=False)
+    finally:
+        model.train(was_training)
+    return path
