@@ -1,0 +1,189 @@
+"""One pruning job end to end: data, dense model, method, finisher, fine-tune, export, report.
+
+Used by the CLI and by the Celery worker. Stage outputs are kept in `checkpoint_dir`, so a re-run of the same
+job resumes where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning import zoo
+from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget, trim_to_budget
+from pruning.cost import CostModel
+from pruning.data import load_dataset, make_loaders
+from pruning.groups import ChannelGraph
+from pruning.methods.context import MethodContext
+from pruning.registry import get_method, load_runner
+from pruning.surgery import export_onnx, materialize
+from pruning.train import Cancelled, evaluate, pick_device, seed_everything, train
+
+__all__ = ["Budget", "Cancelled", "PruneRequest", "parse_budget", "run_prune"]
+
+# Share of the job's progress bar each stage takes (dense training, the method, fine-tuning, export).
+STAGE_SPAN = {"dense": (0.0, 0.35), "prune": (0.35, 0.6), "finetune": (0.6, 0.95), "export": (0.95, 1.0)}
+
+
+@dataclass
+class PruneRequest:
+    """Everything that defines a pruning job."""
+
+    arch: str
+    dataset: str
+    method: str
+    budget: Budget
+    epochs: int = 1
+    finetune_epochs: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    weights_path: Path | None = None
+    resolution: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 0.05
+    finetune_lr: float = 0.01
+    data_root: Path | None = None
+    device: str | None = None
+    max_weights_bytes: int | None = None
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _stage_progress(progress: Callable[[dict], None] | None, stage: str) -> Callable[[dict], None] | None:
+    if progress is None:
+        return None
+    lo, hi = STAGE_SPAN[stage]
+
+    def emit(event: dict) -> None:
+        inner = float(event.get("fraction", 0.0))
+        progress({**event, "stage": stage, "fraction": lo + (hi - lo) * min(max(inner, 0.0), 1.0)})
+
+    return emit
+
+
+def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[dict], None] | None = None,
+              should_cancel: Callable[[], bool] | None = None, checkpoint_dir: str | Path | None = None,
+              latency: LatencyPredictor | None = None) -> dict:
+    """Run the job; write model.onnx, model.safetensors, arch.json and report.json to `out_dir`; return the report."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    method = get_method(request.method)
+    params = method.validate_params(request.params)
+    seed_everything(request.seed)
+    device = pick_device(request.device)
+
+    splits = load_dataset(request.dataset, request.data_root, request.resolution)
+    train_loader, val_loader, test_loader = make_loaders(splits, request.batch_size, request.seed)
+    input_shape = (1, splits.in_channels, splits.resolution, splits.resolution)
+
+    dense = zoo.build_model(request.arch, splits.num_classes, splits.in_channels)
+    dense_arch = zoo.describe(dense, request.arch, splits.num_classes, splits.in_channels, splits.resolution)
+    dense_ckpt = ckpt / "dense.safetensors" if ckpt else None
+    if request.weights_path is not None:
+        zoo.load_weights(dense, request.weights_path, request.max_weights_bytes)
+    elif dense_ckpt is not None and dense_ckpt.exists():
+        zoo.load_weights(dense, dense_ckpt)
+    else:
+        train(dense, train_loader, request.epochs, lr=request.lr, device=device,
+              progress=_stage_progress(progress, "dense"), should_cancel=should_cancel,
+              checkpoint_dir=ckpt / "dense" if ckpt else None, stage="dense", seed=request.seed)
+        if dense_ckpt is not None:
+            zoo.save_weights(dense, dense_ckpt)
+    dense_accuracy = evaluate(dense, test_loader, device)
+
+    dense.cpu().eval()
+    graph = ChannelGraph.build(dense, input_shape)
+    cost_model = CostModel(graph)
+    budget_cost = BudgetCost(request.budget, cost_model, latency)
+
+    pruned_arch_path = ckpt / "pruned.arch.json" if ckpt else None
+    pruned_weights_path = ckpt / "pruned.safetensors" if ckpt else None
+    prune_info_path = ckpt / "pruned.info.json" if ckpt else None
+    if pruned_arch_path is not None and pruned_arch_path.exists() and pruned_weights_path.exists():
+        pruned, _ = zoo.load_pruned(pruned_arch_path, pruned_weights_path)
+        prune_info = json.loads(prune_info_path.read_text())
+    else:
+        ctx = MethodContext(model=dense, graph=graph, cost_model=cost_model, budget=budget_cost, params=params,
+                            train_loader=train_loader, val_loader=val_loader, device=device, epochs=request.epochs,
+                            lr=request.finetune_lr, seed=request.seed, progress=_stage_progress(progress, "prune"),
+                            should_cancel=should_cancel, checkpoint_dir=ckpt / "method" if ckpt else None)
+        result = load_runner(request.method)(ctx)
+        masks, trimmed = trim_to_budget(result.scores, result.keep_masks, budget_cost.fits)
+        counts = [int(m.sum()) for m in masks]
+        result.model.cpu().eval()
+        pruned = materialize(result.model, graph, masks, result.scales)
+        prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": result.info,
+                      "predicted_cost": budget_cost.hard(counts)}
+        if ckpt is not None:
+            zoo.save_arch(_describe(pruned, dense_arch), pruned_arch_path)
+            zoo.save_weights(pruned, pruned_weights_path)
+            _atomic_json(prune_info_path, prune_info)
+    if progress:
+        progress({"stage": "prune", "fraction": STAGE_SPAN["prune"][1], "cost": prune_info["predicted_cost"]})
+
+    finetune_epochs = request.epochs if request.finetune_epochs is None else request.finetune_epochs
+    if finetune_epochs > 0:
+        train(pruned, train_loader, finetune_epochs, lr=request.finetune_lr, device=device,
+              progress=_stage_progress(progress, "finetune"), should_cancel=should_cancel,
+              checkpoint_dir=ckpt / "finetune" if ckpt else None, stage="finetune", seed=request.seed)
+    pruned_accuracy = evaluate(pruned, test_loader, device)
+
+    pruned.cpu().eval()
+    arch_json = _describe(pruned, dense_arch)
+    zoo.save_arch(arch_json, out_dir / "arch.json")
+    zoo.save_weights(pruned, out_dir / "model.safetensors")
+    export_onnx(pruned, out_dir / "model.onnx", input_shape)
+    counts = prune_info["keep_counts"]
+    report: dict[str, Any] = {
+        "method": request.method,
+        "params": params.model_dump(),
+        "arch": request.arch,
+        "dataset": request.dataset,
+        "resolution": splits.resolution,
+        "budget": {**asdict(request.budget), "target": budget_cost.target, "unit": budget_cost.unit},
+        "dense": {"macs": cost_model.dense_macs, "params": cost_model.dense_params, "accuracy": dense_accuracy},
+        "pruned": {"macs": int(round(float(cost_model.macs(counts)))), "params": zoo.param_count(pruned),
+                   "accuracy": pruned_accuracy},
+        "keep_counts": counts,
+        "group_sizes": graph.sizes,
+        "widths": zoo.widths(arch_json),
+        "finisher_channels_removed": prune_info["finisher_channels_removed"],
+        "method_info": prune_info["method_info"],
+        "epochs": {"dense": 0 if request.weights_path else request.epochs, "finetune": finetune_epochs},
+        "seed": request.seed,
+        "device": str(device),
+    }
+    if latency is not None:
+        export_onnx(dense, out_dir / "dense.onnx", input_shape)
+        report["latency_ms"] = {
+            "dense": {"predicted": budget_cost.dense() if request.budget.kind == "latency_ms" else None,
+                      "measured": latency.measure_ms(str(out_dir / "dense.onnx"))},
+            "pruned": {"predicted": prune_info["predicted_cost"] if request.budget.kind == "latency_ms" else None,
+                       "measured": latency.measure_ms(str(out_dir / "model.onnx"))},
+        }
+        (out_dir / "dense.onnx").unlink()
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    _atomic_json(out_dir / "report.json", report)
+    if progress:
+        progress({"stage": "export", "fraction": 1.0})
+    return report
+
+
+def _describe(model: torch.nn.Module, dense_arch: dict) -> dict:
+    return zoo.describe(model, dense_arch["arch"], dense_arch["num_classes"], dense_arch["in_channels"],
+                        dense_arch["resolution"])
