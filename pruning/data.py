@@ -1,0 +1,466 @@
+"""Dataset references (builtin:, synthetic:, imagefolder:, torchvision:) -> train/val/test Datasets and loaders."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+ACCEPTED_FORMS = (
+    "builtin:digits, synthetic:<classes>x<resolution> (e.g. synthetic:10x32), "
+    "imagefolder:<directory under the data root>, torchvision:<Name> (Name one of "
+    "CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST, SVHN)"
+)
+IMAGEFOLDER_LAYOUT = (
+    "expected <dir>/train/<class>/<image> and <dir>/val/<class>/<image> (optionally <dir>/test/<class>/<image>), "
+    "or a single <dir>/<class>/<image> tree that latprune splits 70/15/15"
+)
+BUILTIN_DATASETS = ("digits",)
+DEFAULT_RESOLUTION = 32
+MIN_RESOLUTION, MAX_RESOLUTION = 4, 1024
+SYNTHETIC_MAX_CLASSES = 1000
+# Fixed seed of every split latprune carves itself, so splits never depend on a global RNG.
+SPLIT_SEED = 20240601
+# Fraction of an official train set held out as val when the source has no val split of its own.
+VAL_FRACTION = 0.1
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DatasetRefError(ValueError):
+    """A dataset reference that is malformed, unknown, unsafe or points at missing data."""
+
+
+@dataclass(frozen=True)
+class TorchvisionInfo:
+    """How to build one torchvision dataset from local files."""
+
+    class_name: str
+    in_channels: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    uses_split_arg: bool = False
+    # Horizontal flips change the class of digits, so augmentation skips them there.
+    flip_safe: bool = True
+
+
+TORCHVISION_DATASETS: dict[str, TorchvisionInfo] = {
+    "CIFAR10": TorchvisionInfo("CIFAR10", 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR100": TorchvisionInfo("CIFAR100", 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "MNIST": TorchvisionInfo("MNIST", 1, 10, (0.1307,), (0.3081,), flip_safe=False),
+    "FashionMNIST": TorchvisionInfo("FashionMNIST", 1, 10, (0.2860,), (0.3530,)),
+    "KMNIST": TorchvisionInfo("KMNIST", 1, 10, (0.1918,), (0.3483,), flip_safe=False),
+    "SVHN": TorchvisionInfo(
+        "SVHN", 3, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), uses_split_arg=True, flip_safe=False
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A parsed dataset reference; `str(ref)` gives its canonical text."""
+
+    scheme: str
+    name: str
+    num_classes: int | None = None
+    resolution: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.name}"
+
+
+@dataclass
+class DatasetSplits:
+    """Train/val/test Datasets yielding (image tensor CxHxW, int label), plus what a model needs to know."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    resolution: int
+    ref: str
+    class_names: list[str] = field(default_factory=list)
+
+
+def parse_dataset_ref(ref: str) -> DatasetRef:
+    """Validate a reference's syntax without touching the disk; raise DatasetRefError naming the accepted forms."""
+    if not isinstance(ref, str) or ":" not in ref:
+        raise DatasetRefError(f"dataset reference {ref!r} has no scheme; accepted forms: {ACCEPTED_FORMS}")
+    scheme, _, rest = ref.partition(":")
+    scheme = scheme.strip().lower()
+    if not rest:
+        raise DatasetRefError(f"dataset reference {ref!r} is empty after '{scheme}:'; accepted forms: {ACCEPTED_FORMS}")
+    if "\x00" in rest:
+        raise DatasetRefError(f"dataset reference {ref!r} contains a NUL character")
+    if scheme == "builtin":
+        if rest not in BUILTIN_DATASETS:
+            raise DatasetRefError(f"unknown builtin dataset {rest!r}; builtin datasets: {', '.join(BUILTIN_DATASETS)}")
+        return DatasetRef("builtin", rest)
+    if scheme == "synthetic":
+        match = re.fullmatch(r"(\d+)x(\d+)", rest)
+        if not match:
+            raise DatasetRefError(
+                f"synthetic reference {ref!r} must be synthetic:<classes>x<resolution>, e.g. synthetic:10x32"
+            )
+        num_classes, resolution = int(match.group(1)), int(match.group(2))
+        if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
+            raise DatasetRefError(f"synthetic classes must be in 2..{SYNTHETIC_MAX_CLASSES}, got {num_classes}")
+        _check_resolution(resolution)
+        return DatasetRef("synthetic", rest, num_classes=num_classes, resolution=resolution)
+    if scheme == "imagefolder":
+        parts = re.split(r"[\\/]", rest)
+        if ".." in parts:
+            raise DatasetRefError(
+                f"imagefolder path {rest!r} contains '..'; give a path inside the data root without '..'"
+            )
+        return DatasetRef("imagefolder", rest)
+    if scheme == "torchvision":
+        canonical = {name.lower(): name for name in TORCHVISION_DATASETS}.get(rest.lower())
+        if canonical is None:
+            raise DatasetRefError(
+                f"unsupported torchvision dataset {rest!r}; supported: {', '.join(TORCHVISION_DATASETS)}"
+            )
+        return DatasetRef("torchvision", canonical)
+    raise DatasetRefError(f"unknown dataset scheme {scheme!r} in {ref!r}; accepted forms: {ACCEPTED_FORMS}")
+
+
+def load_dataset(
+    ref: str, data_root: Path | None = None, resolution: int | None = None, augment: bool = False
+) -> DatasetSplits:
+    """Resolve a dataset reference into train/val/test splits; augment adds random crop (+flip) to train only."""
+    parsed = parse_dataset_ref(ref)
+    if resolution is not None:
+        _check_resolution(resolution)
+    if parsed.scheme == "builtin":
+        splits = _load_digits(resolution or DEFAULT_RESOLUTION)
+        flip_safe = False
+    elif parsed.scheme == "synthetic":
+        splits = _load_synthetic(parsed, resolution or parsed.resolution or DEFAULT_RESOLUTION)
+        flip_safe = False
+    elif parsed.scheme == "imagefolder":
+        splits = _load_imagefolder(parsed, data_root, resolution or DEFAULT_RESOLUTION)
+        flip_safe = True
+    else:
+        info = TORCHVISION_DATASETS[parsed.name]
+        splits = _load_torchvision(parsed, info, data_root, resolution or DEFAULT_RESOLUTION)
+        flip_safe = info.flip_safe
+    if augment:
+        splits.train = AugmentedDataset(splits.train, splits.resolution, flip=flip_safe)
+    return splits
+
+
+def make_loaders(
+    splits: DatasetSplits,
+    batch_size: int = 128,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool | None = None,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (shuffled by a seeded generator), val and test DataLoaders."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    # A last batch of one sample breaks BatchNorm in training mode; dropping the ragged batch avoids it and
+    # loses nothing over several epochs because the order is reshuffled.
+    drop_last = len(splits.train) > batch_size
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+    train_loader = DataLoader(splits.train, shuffle=True, generator=generator, drop_last=drop_last, **common)
+    val_loader = DataLoader(splits.val, shuffle=False, **common)
+    test_loader = DataLoader(splits.test, shuffle=False, **common)
+    return train_loader, val_loader, test_loader
+
+
+class AugmentedDataset(Dataset):
+    """Random crop after zero padding (+ optional horizontal flip) on normalised tensors, using torch's RNG."""
+
+    def __init__(self, base: Dataset, resolution: int, flip: bool):
+        self.base = base
+        self.resolution = resolution
+        self.flip = flip
+        self.pad = max(1, resolution // 8)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, label = self.base[index]
+        padded = torch.nn.functional.pad(image, (self.pad,) * 4)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        image = padded[:, top : top + self.resolution, left : left + self.resolution]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return image, label
+
+
+class SyntheticImages(Dataset):
+    """Deterministic learnable images: a fixed low-frequency pattern per class plus per-sample Gaussian noise."""
+
+    def __init__(self, num_classes: int, resolution: int, count: int, seed: int, noise_std: float = 1.0):
+        self.num_classes = num_classes
+        self.resolution = resolution
+        self.count = count
+        self.seed = seed
+        self.noise_std = noise_std
+        pattern_generator = torch.Generator().manual_seed(SPLIT_SEED + 1000003 * num_classes)
+        self.patterns = torch.randn(num_classes, 3, 4, 4, generator=pattern_generator)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        label = index % self.num_classes
+        pattern = torch.nn.functional.interpolate(
+            self.patterns[label : label + 1], size=(self.resolution,) * 2, mode="bilinear", align_corners=False
+        )[0]
+        noise_generator = torch.Generator().manual_seed(self.seed + index)
+        noise = torch.randn(3, self.resolution, self.resolution, generator=noise_generator)
+        return pattern + self.noise_std * noise, label
+
+
+def stratified_split(targets: list[int], fractions: tuple[float, ...], seed: int = SPLIT_SEED) -> list[list[int]]:
+    """Deterministic per-class split of indices into len(fractions) sorted index lists."""
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(int(target), []).append(index)
+    parts: list[list[int]] = [[] for _ in fractions]
+    generator = torch.Generator().manual_seed(seed)
+    for target in sorted(by_class):
+        members = by_class[target]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        shuffled = [members[i] for i in order]
+        # Later parts (val, test) get round(n * f) each; the first part takes the remainder.
+        counts = [round(len(members) * f) for f in fractions[1:]]
+        while sum(counts) >= len(members) and any(counts):
+            counts[counts.index(max(counts))] -= 1
+        start = len(members) - sum(counts)
+        parts[0].extend(shuffled[:start])
+        for part, count in zip(parts[1:], counts, strict=True):
+            part.extend(shuffled[start : start + count])
+            start += count
+    return [sorted(part) for part in parts]
+
+
+def _check_resolution(resolution: int) -> None:
+    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise DatasetRefError(f"resolution must be in {MIN_RESOLUTION}..{MAX_RESOLUTION} pixels, got {resolution}")
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_tensors(resolution: int) -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.nn.functional.interpolate(
+        images, size=(resolution, resolution), mode="bilinear", align_corners=False
+    )
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train_idx, val_idx, test_idx = stratified_split(labels.tolist(), SPLIT_FRACTIONS)
+    train_images = images[train_idx]
+    mean, std = train_images.mean(), train_images.std()
+    images = (images - mean) / std
+    return (images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], images[test_idx], labels[test_idx])
+
+
+def _load_digits(resolution: int) -> DatasetSplits:
+    x_train, y_train, x_val, y_val, x_test, y_test = _digits_tensors(resolution)
+    return DatasetSplits(
+        train=TensorDataset(x_train, y_train),
+        val=TensorDataset(x_val, y_val),
+        test=TensorDataset(x_test, y_test),
+        num_classes=10,
+        in_channels=1,
+        resolution=resolution,
+        ref="builtin:digits",
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+def _load_synthetic(parsed: DatasetRef, resolution: int) -> DatasetSplits:
+    classes = parsed.num_classes or 2
+    # Per-class counts stay small: the set exists for tests and demos.
+    per_class = {"train": 32, "val": 8, "test": 8}
+    seeds = {"train": SPLIT_SEED, "val": SPLIT_SEED + 10_000_019, "test": SPLIT_SEED + 20_000_039}
+    made = {
+        name: SyntheticImages(classes, resolution, classes * count, seeds[name]) for name, count in per_class.items()
+    }
+    return DatasetSplits(
+        train=made["train"],
+        val=made["val"],
+        test=made["test"],
+        num_classes=classes,
+        in_channels=3,
+        resolution=resolution,
+        ref=str(parsed),
+        class_names=[str(i) for i in range(classes)],
+    )
+
+
+def _require_root(ref: DatasetRef, data_root: Path | None) -> Path:
+    if data_root is None:
+        raise DatasetRefError(f"{ref} needs a data root, and none is configured; set the data root directory")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DatasetRefError(f"{ref}: the data root {root} is not an existing directory")
+    return root.resolve()
+
+
+def resolve_under_root(path_text: str, root: Path) -> Path:
+    """Resolve a user-given path under root (following symlinks); raise DatasetRefError if it leaves root."""
+    if ".." in re.split(r"[\\/]", path_text):
+        raise DatasetRefError(f"path {path_text!r} contains '..'; give a path inside the data root without '..'")
+    candidate = PurePath(path_text)
+    full = Path(candidate) if candidate.is_absolute() else root / candidate
+    resolved = full.resolve()
+    if not resolved.is_relative_to(root):
+        if candidate.is_absolute() and not Path(os.path.normpath(full)).is_relative_to(root):
+            raise DatasetRefError(
+                f"path {path_text!r} is outside the data root {root}; give a path relative to the data root"
+            )
+        raise DatasetRefError(f"path {path_text!r} resolves (through a symlink) outside the data root {root}")
+    return resolved
+
+
+def _image_transform(resolution: int, mean: tuple[float, ...], std: tuple[float, ...], native: int | None = None):
+    from torchvision import transforms
+
+    steps: list[Any] = []
+    if native != resolution:
+        steps += [transforms.Resize(resolution), transforms.CenterCrop(resolution)]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def _image_folder(directory: Path, root: Path, transform, ref: DatasetRef):
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    def is_valid_file(path: str) -> bool:
+        if not path.lower().endswith(IMG_EXTENSIONS):
+            return False
+        if not Path(path).resolve().is_relative_to(root):
+            relative = os.path.relpath(path, directory)
+            raise DatasetRefError(f"{ref}: file {relative!r} is a symlink that leaves the data root {root}")
+        return True
+
+    try:
+        return ImageFolder(str(directory), transform=transform, is_valid_file=is_valid_file)
+    except FileNotFoundError as error:
+        raise DatasetRefError(f"{ref}: {error}; {IMAGEFOLDER_LAYOUT}") from None
+
+
+def _load_imagefolder(parsed: DatasetRef, data_root: Path | None, resolution: int) -> DatasetSplits:
+    root = _require_root(parsed, data_root)
+    directory = resolve_under_root(parsed.name, root)
+    if not directory.is_dir():
+        raise DatasetRefError(
+            f"{parsed}: no directory {parsed.name!r} under the data root {root}; {IMAGEFOLDER_LAYOUT}"
+        )
+    transform = _image_transform(resolution, IMAGENET_MEAN, IMAGENET_STD)
+    sub = {name: directory / name for name in ("train", "val", "test") if (directory / name).is_dir()}
+    if "train" in sub:
+        if "val" not in sub and "test" not in sub:
+            raise DatasetRefError(f"{parsed}: found train/ but neither val/ nor test/; {IMAGEFOLDER_LAYOUT}")
+        folders = {name: _image_folder(path, root, transform, parsed) for name, path in sub.items()}
+        classes = folders["train"].classes
+        for name, folder in folders.items():
+            if folder.classes != classes:
+                raise DatasetRefError(
+                    f"{parsed}: {name}/ has classes {folder.classes} but train/ has {classes}; they must match"
+                )
+        train_all = folders["train"]
+        if "val" in sub and "test" in sub:
+            train, val, test = train_all, folders["val"], folders["test"]
+        else:
+            # One held-out folder plays the official test set (as torchvision's train=False does); val is
+            # carved from train so that model selection never sees it.
+            train_idx, val_idx = stratified_split(train_all.targets, (1 - VAL_FRACTION, VAL_FRACTION))
+            train, val = Subset(train_all, train_idx), Subset(train_all, val_idx)
+            test = folders["test"] if "test" in folders else folders["val"]
+    else:
+        whole = _image_folder(directory, root, transform, parsed)
+        classes = whole.classes
+        train_idx, val_idx, test_idx = stratified_split(whole.targets, SPLIT_FRACTIONS)
+        train, val, test = Subset(whole, train_idx), Subset(whole, val_idx), Subset(whole, test_idx)
+    if len(classes) < 2:
+        raise DatasetRefError(f"{parsed}: found {len(classes)} class folder(s), need at least 2; {IMAGEFOLDER_LAYOUT}")
+    return DatasetSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=len(classes),
+        in_channels=3,
+        resolution=resolution,
+        ref=str(parsed),
+        class_names=list(classes),
+    )
+
+
+def _targets(dataset: Any) -> list[int]:
+    values = getattr(dataset, "targets", None)
+    if values is None:
+        values = dataset.labels  # SVHN names them labels
+    return [int(v) for v in values]
+
+
+def _load_torchvision(
+    parsed: DatasetRef, info: TorchvisionInfo, data_root: Path | None, resolution: int
+) -> DatasetSplits:
+    import torchvision.datasets as tv_datasets
+
+    root = _require_root(parsed, data_root)
+    native = 28 if info.in_channels == 1 else 32
+    transform = _image_transform(resolution, info.mean, info.std, native=native)
+    dataset_class = getattr(tv_datasets, info.class_name)
+    candidates = [root / info.class_name, root]
+    failures: list[str] = []
+    for candidate in candidates:
+        if not candidate.is_dir():
+            continue
+        try:
+            if info.uses_split_arg:
+                train_all = dataset_class(str(candidate), split="train", transform=transform, download=False)
+                test = dataset_class(str(candidate), split="test", transform=transform, download=False)
+            else:
+                train_all = dataset_class(str(candidate), train=True, transform=transform, download=False)
+                test = dataset_class(str(candidate), train=False, transform=transform, download=False)
+        except RuntimeError:
+            continue  # torchvision's "Dataset not found": try the next place
+        except Exception as error:  # a present but unreadable file must not look like a missing one
+            failures.append(f"{candidate}: {type(error).__name__}: {error}")
+            continue
+        break
+    else:
+        looked = " and ".join(str(c) for c in candidates)
+        detail = f"; files there could not be read ({'; '.join(failures)})" if failures else ""
+        raise DatasetRefError(
+            f"{parsed}: no usable {info.class_name} files in {looked} (torchvision's on-disk layout){detail}; "
+            "latprune never downloads datasets, so place the files there first"
+        )
+    train_idx, val_idx = stratified_split(_targets(train_all), (1 - VAL_FRACTION, VAL_FRACTION))
+    classes = list(getattr(train_all, "classes", [str(i) for i in range(info.num_classes)]))
+    return DatasetSplits(
+        train=Subset(train_all, train_idx),
+        val=Subset(train_all, val_idx),
+        test=test,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        resolution=resolution,
+        ref=str(parsed),
+        class_names=classes,
+    )
