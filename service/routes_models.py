@@ -1,0 +1,89 @@
+"""Models: upload dense weights (safetensors only, validated against the architecture)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from sqlalchemy import select
+
+from service.deps import KeyDep, SessionDep, StateDep, not_found
+from service.engine_info import EngineInputError, check_arch
+from service.models import Model
+from service.schemas import ModelOut
+from service.storage import StorageError
+from service.weights import WeightsRejected, validate_file
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def tenant_model(session, tenant_id: int, model_id: int) -> Model:  # noqa: ANN001
+    """The tenant's model, or 404 (also for another tenant's id)."""
+    model = session.get(Model, model_id)
+    if model is None or model.tenant_id != tenant_id:
+        raise not_found("model", model_id)
+    return model
+
+
+@router.post("", status_code=201, response_model=ModelOut,
+             responses={413: {"description": "file over the size limit"},
+                        422: {"description": "not safetensors, or not weights of this architecture"}})
+def upload_model(
+    key: KeyDep, session: SessionDep, state: StateDep,
+    arch: Annotated[str, Form(min_length=1, max_length=64, description="zoo architecture name")],
+    weights: Annotated[UploadFile, File(description="safetensors file of the model's state dict")],
+    num_classes: Annotated[int, Form(ge=1, le=100000)] = 10,
+    in_channels: Annotated[int, Form(ge=1, le=64)] = 3,
+    name: Annotated[str, Form(max_length=128)] = "",
+) -> Model:
+    """Upload dense weights; keys, shapes, dtypes and finiteness are checked before anything is kept."""
+    try:
+        check_arch(arch)
+    except EngineInputError as exc:
+        raise HTTPException(422, str(exc)) from None
+    store, limit = state.store, state.settings.max_upload_bytes
+    tmp = store.temp_file(".safetensors")
+    final_path = None
+    try:
+        size = 0
+        with open(tmp, "wb") as out:
+            while chunk := weights.file.read(1024 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"weights file is larger than the limit of {limit} bytes")
+                out.write(chunk)
+        try:
+            validate_file(tmp, arch, num_classes, in_channels)
+        except (WeightsRejected, EngineInputError) as exc:
+            raise HTTPException(422, f"weights rejected: {exc}") from None
+        model = Model(tenant_id=key.tenant_id, name=name or weights.filename or "", arch=arch,
+                      num_classes=num_classes, in_channels=in_channels, path="", sha256="", size_bytes=size)
+        session.add(model)
+        session.flush()
+        final_path = f"tenants/{key.tenant_id}/models/{model.id}.safetensors"
+        stored = store.adopt(tmp, final_path)
+        model.path, model.sha256, model.size_bytes = stored.path, stored.sha256, stored.size_bytes
+        session.commit()
+        return model
+    except BaseException:
+        session.rollback()
+        if final_path is not None:
+            try:
+                store.delete(final_path)
+            except StorageError:
+                pass
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@router.get("", response_model=list[ModelOut])
+def list_models(key: KeyDep, session: SessionDep) -> list[Model]:
+    """The tenant's uploaded models."""
+    return list(session.scalars(select(Model).where(Model.tenant_id == key.tenant_id).order_by(Model.id)))
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def get_model(model_id: int, key: KeyDep, session: SessionDep) -> Model:
+    """One uploaded model."""
+    return tenant_model(session, key.tenant_id, model_id)

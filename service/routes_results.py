@@ -1,0 +1,125 @@
+"""Results: a job's cohort of subnets, and the checkpoint that suits a device."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.deps import KeyDep, SessionDep, StateDep, not_found
+from service.models import Artifact, Device, Job, Subnet
+from service.routes_jobs import tenant_job
+from service.schemas import ArtifactFormat, ArtifactOut, LatencyOut, SubnetOut
+
+router = APIRouter(prefix="/v1/jobs", tags=["results"])
+MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/octet-stream",
+               "arch": "application/json"}
+FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "arch": "arch.json"}
+
+
+def subnet_latency_ms(subnet: Subnet, device_id: int) -> float | None:
+    """Measured latency on the device if known, else predicted, else None."""
+    entry = (subnet.latency or {}).get(str(device_id)) or {}
+    measured = entry.get("measured_ms")
+    return measured if measured is not None else entry.get("predicted_ms")
+
+
+def pick_subnet(subnets: list[Subnet], device_id: int, budget_ms: float | None,
+                tolerance: float) -> tuple[Subnet | None, str]:
+    """The most accurate subnet whose latency on the device fits the budget (plus tolerance), or a reason."""
+    if not subnets:
+        return None, "the job produced no subnets"
+    if budget_ms is None:
+        fitting = list(subnets)
+    else:
+        timed = [(s, subnet_latency_ms(s, device_id)) for s in subnets]
+        known = [(s, ms) for s, ms in timed if ms is not None]
+        if not known:
+            return None, (f"no subnet has a measured or predicted latency on device {device_id}; "
+                          "profile the device for this architecture first")
+        limit = budget_ms * (1 + tolerance)
+        fitting = [s for s, ms in known if ms <= limit]
+        if not fitting:
+            fastest = min(ms for _, ms in known)
+            return None, (f"no subnet fits {budget_ms:g} ms on device {device_id}: the fastest takes "
+                          f"{fastest:.3g} ms; submit a job with a tighter budget for this device")
+    best = max(fitting, key=lambda s: (s.accuracy if s.accuracy is not None else float("-inf"), -s.macs))
+    return best, ""
+
+
+def _subnet_out(subnet: Subnet, artifacts: list[Artifact]) -> SubnetOut:
+    return SubnetOut(
+        id=subnet.id, member=subnet.member, resolution=subnet.resolution, macs=subnet.macs, params=subnet.params,
+        accuracy=subnet.accuracy, widths=subnet.widths,
+        latency={k: LatencyOut(**v) for k, v in (subnet.latency or {}).items()},
+        artifacts=[ArtifactOut(format=a.format, sha256=a.sha256, size_bytes=a.size_bytes) for a in artifacts],
+    )
+
+
+def _job_subnets(session: Session, job: Job) -> list[Subnet]:
+    return list(session.scalars(select(Subnet).where(Subnet.job_id == job.id).order_by(Subnet.member)))
+
+
+@router.get("/{job_id}/subnets", response_model=list[SubnetOut])
+def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[SubnetOut]:
+    """The job's cohort: widths, resolution, MACs, params, accuracy, latency per device, artifacts."""
+    job = tenant_job(session, key.tenant_id, job_id)
+    subnets = _job_subnets(session, job)
+    artifacts: dict[int, list[Artifact]] = {}
+    if subnets:
+        for a in session.scalars(select(Artifact).where(Artifact.subnet_id.in_([s.id for s in subnets]))
+                                 .order_by(Artifact.format)):
+            artifacts.setdefault(a.subnet_id, []).append(a)
+    return [_subnet_out(s, artifacts.get(s.id, [])) for s in subnets]
+
+
+def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
+    where = [Device.tenant_id == tenant_id]
+    where.append(Device.id == int(ref) if ref.isdigit() else Device.name == ref)
+    device = session.scalar(select(Device).where(*where))
+    if device is None:
+        raise not_found("device", ref)
+    return device
+
+
+@router.get("/{job_id}/checkpoint", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the file; X-Checkpoint-SHA256 holds its hash"},
+                       409: {"description": "the job is not finished, or no subnet fits the device"}})
+def download_checkpoint(
+    job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
+    device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
+    format: Annotated[ArtifactFormat, Query()] = "onnx",  # noqa: A002 - the API's parameter name
+    latency_ms: Annotated[float | None, Query(gt=0, description="override the device's budget")] = None,
+) -> FileResponse:
+    """The most accurate subnet of the job that fits the device's latency budget.
+
+    The budget is `latency_ms` if given, else the job's own budget when it targeted this device,
+    else the device's default `latency_budget_ms`; with none, the most accurate subnet is returned.
+    """
+    job = tenant_job(session, key.tenant_id, job_id)
+    target = _tenant_device(session, key.tenant_id, device)
+    if job.state != "succeeded":
+        raise HTTPException(409, f"job {job.id} is {job.state}; checkpoints exist once it has succeeded")
+    budget_ms = latency_ms
+    if budget_ms is None and job.budget_kind == "latency_ms" and job.budget_device_id == target.id:
+        budget_ms = job.budget_value
+    if budget_ms is None:
+        budget_ms = target.latency_budget_ms
+    subnet, reason = pick_subnet(_job_subnets(session, job), target.id, budget_ms,
+                                 state.settings.latency_tolerance)
+    if subnet is None:
+        raise HTTPException(409, reason)
+    artifact = session.scalar(select(Artifact).where(Artifact.subnet_id == subnet.id, Artifact.format == format))
+    if artifact is None or not state.store.exists(artifact.path):
+        raise HTTPException(409, f"subnet {subnet.member} of job {job.id} has no {format} file")
+    headers = {"X-Checkpoint-SHA256": artifact.sha256, "X-Subnet-Id": str(subnet.id),
+               "X-Subnet-Member": str(subnet.member)}
+    ms = subnet_latency_ms(subnet, target.id)
+    if ms is not None:
+        headers["X-Latency-Ms"] = f"{ms:.6g}"
+    return FileResponse(state.store.resolve(artifact.path), media_type=MEDIA_TYPES[format], headers=headers,
+                        filename=f"job{job.id}-subnet{subnet.member}-{FILE_NAMES[format]}")
