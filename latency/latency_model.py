@@ -1,0 +1,85 @@
+"""A device's latency model as the engine uses it: differentiable prediction plus real measurement."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from latency.device import DeviceSpec
+from latency.lpnet import LPNet, PredictorMeta
+from latency.timing import OnnxRuntimeRunner, TimingPlan, TorchRunner, input_shape, measure, torch_threads
+
+
+class LatencyModel:
+    """LPNet of (device, arch, resolution) + a robust timer on that device: what run_prune gets as `latency`.
+
+    predict_ms = LPNet's latency relative to the dense reference x `reference_ms`; `calibrate()` re-times
+    the dense model now, so predictions follow the machine's current speed.
+    """
+
+    def __init__(self, net: LPNet, meta: PredictorMeta, spec: DeviceSpec, resolution: int,
+                 plan: TimingPlan | None = None):
+        self.net = net.eval()
+        self.meta = meta
+        self.spec = spec
+        self.resolution = int(resolution)
+        self.plan = plan or TimingPlan()
+        index = net.resolution_index(self.resolution, 1)
+        self.reference_ms = float(net.reference_ms[index][0])
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def arch(self) -> str:
+        return self.meta.arch
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return list(self.meta.group_sizes)
+
+    def predict_ratio(self, keep_ratios: torch.Tensor) -> torch.Tensor:
+        """Latency relative to the dense model; [G] -> scalar, [B, G] -> [B]; differentiable."""
+        return self.net.predict_ratio(keep_ratios, self.resolution)
+
+    def predict_ms(self, keep_ratios: torch.Tensor) -> torch.Tensor:
+        """Predicted latency in ms; [G] -> scalar, [B, G] -> [B]; gradients flow to the keep ratios."""
+        return self.predict_ratio(keep_ratios) * self.reference_ms
+
+    def _torch_model(self, onnx_path: Path, model):
+        if model is not None:
+            return model
+        from pruning import zoo
+
+        arch_path = onnx_path.with_name("arch.json")
+        if not arch_path.exists():
+            raise ValueError(f"device {self.spec.name!r} runs torch: pass the model, or put arch.json next to "
+                             f"{onnx_path.name}")
+        return zoo.rebuild(zoo.load_arch(arch_path))
+
+    def measure_ms(self, onnx_path: str | Path, model=None) -> float:
+        """Median latency (ms) of the model on this device, timed robustly (warm-up, blocks, re-measure)."""
+        onnx_path = Path(onnx_path)
+        with torch_threads(self.spec.threads):
+            if self.spec.runtime == "onnxruntime":
+                if not onnx_path.is_file():
+                    raise ValueError(f"no ONNX file {onnx_path}")
+                run = OnnxRuntimeRunner(onnx_path, self.spec)
+            else:
+                net = self._torch_model(onnx_path, model)
+                in_channels = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+                run = TorchRunner(net, self.spec, input_shape(self.spec, in_channels, self.resolution))
+            return measure(run, self.plan).sample.median_ms
+
+    def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:
+        """Re-time the dense model now and rescale predictions to it; returns new / old reference ms."""
+        from latency.profiler import ProfileTarget, make_runner
+
+        target = ProfileTarget.build(self.arch, self.resolution, num_classes, in_channels)
+        with tempfile.TemporaryDirectory(prefix="latprune-calibrate-") as tmp, torch_threads(self.spec.threads):
+            run = make_runner(self.spec, target, target.group_sizes, Path(tmp), "reference")
+            now = measure(run, self.plan).sample.median_ms
+        scale = now / self.reference_ms
+        self.reference_ms = now
+        return scale

@@ -1,0 +1,202 @@
+"""Profile an architecture on a device: sample widths, build, export, time against the dense reference, store."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from latency.device import DeviceSpec, EnvironmentFingerprint, check_runnable, current_fingerprint
+from latency.sampler import config_key, sample_configs
+from latency.samples import LatencySample, SampleStore
+from latency.timing import (
+    Clock,
+    Measurement,
+    OnnxRuntimeRunner,
+    Run,
+    TimingPlan,
+    TorchRunner,
+    input_shape,
+    measure,
+    torch_threads,
+)
+
+Progress = Callable[[int, int, str], None]
+
+
+class ProfileCancelled(Exception):
+    """should_cancel() returned True between two samples; everything measured so far is stored."""
+
+
+@dataclass
+class ProfileTarget:
+    """An architecture at one resolution, with what is needed to build any of its width configurations."""
+
+    arch: str
+    resolution: int
+    num_classes: int
+    in_channels: int
+    arch_json: dict
+    graph: object  # pruning.groups.ChannelGraph
+    cost: object  # pruning.cost.CostModel
+
+    @classmethod
+    def build(cls, arch: str, resolution: int, num_classes: int = 10, in_channels: int = 3) -> ProfileTarget:
+        """Build the dense model once and trace its channel groups at `resolution`."""
+        from pruning import zoo
+        from pruning.cost import CostModel
+        from pruning.groups import ChannelGraph
+
+        if resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {resolution}")
+        model = zoo.build_model(arch, num_classes, in_channels).eval()
+        graph = ChannelGraph.build(model, (1, in_channels, resolution, resolution))
+        arch_json = zoo.describe(model, arch, num_classes, in_channels, resolution)
+        return cls(arch, resolution, num_classes, in_channels, arch_json, graph, CostModel(graph))
+
+    def matches(self, sample: LatencySample) -> bool:
+        """Whether `sample` was measured on this architecture, resolution, class and input-channel count."""
+        return (sample.arch, sample.resolution, sample.num_classes, sample.in_channels) == (
+            self.arch, self.resolution, self.num_classes, self.in_channels)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Channels of every prunable group, in group order."""
+        return list(self.graph.sizes)
+
+    def model(self, keep_counts: Sequence[int]):
+        """A freshly initialised model keeping `keep_counts` channels per group (latency ignores values)."""
+        from pruning import surgery, zoo
+
+        return zoo.rebuild(surgery.pruned_arch(self.arch_json, self.cost, list(keep_counts))).eval()
+
+
+def export_for_device(model, path: Path, spec: DeviceSpec, shape: Sequence[int]) -> Path:
+    """ONNX file of `model` at the device's input shape and precision."""
+    from pruning import surgery
+
+    if spec.precision == "fp32":
+        return surgery.export_onnx(model, path, shape)
+    import torch
+
+    half = model.to("cuda", torch.float16).eval()
+    torch.onnx.export(half, (torch.randn(*shape, device="cuda", dtype=torch.float16),), str(path),
+                      input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False)
+    return path
+
+
+def make_runner(spec: DeviceSpec, target: ProfileTarget, keep_counts: Sequence[int], workdir: Path,
+                tag: str) -> Run:
+    """A callable doing one inference of the configuration on the device's runtime."""
+    model = target.model(keep_counts)
+    shape = input_shape(spec, target.in_channels, target.resolution)
+    if spec.runtime == "torch":
+        return TorchRunner(model, spec, shape)
+    path = export_for_device(model, workdir / f"{tag}.onnx", spec, shape)
+    return OnnxRuntimeRunner(path, spec)
+
+
+def repeatability(samples: Sequence[LatencySample]) -> dict | None:
+    """Agreement of every repeat with the first measurement of its configuration (None without repeats).
+
+    Scored with the predictors' metrics (the repeat as the 'prediction' of the first measurement), so the
+    result is the floor no predictor can beat on this machine: {pairs, median_gap_s, relative, absolute_ms}.
+    """
+    from latency.evaluation import metrics
+
+    first = {}
+    for s in samples:
+        if not s.repeat and s.key not in first:
+            first[s.key] = s
+    pairs = [(first[s.key], s) for s in samples
+             if s.repeat and s.key in first and first[s.key].fingerprint == s.fingerprint]
+    if not pairs:
+        return None
+    out = {"pairs": len(pairs), "median_gap_s": float(np.median([b.measured_at - a.measured_at for a, b in pairs])),
+           "absolute_ms": metrics([b.latency_ms for _, b in pairs], [a.latency_ms for a, _ in pairs])}
+    with_ratio = [(a, b) for a, b in pairs if a.ratio and b.ratio]
+    if with_ratio:
+        out["relative"] = metrics([b.ratio for _, b in with_ratio], [a.ratio for a, _ in with_ratio])
+    return out
+
+
+@dataclass
+class ProfileResult:
+    """What a profile run did."""
+
+    measured: int = 0
+    skipped: int = 0
+    repeats: int = 0
+    noisy: int = 0
+    elapsed_s: float = 0.0
+    total_samples: int = 0
+    repeatability: dict | None = None
+    fingerprint: EnvironmentFingerprint | None = field(default=None, repr=False)
+
+
+def _sample(key: str, kind: str, target: ProfileTarget, counts: Sequence[int], m: Measurement,
+            fingerprint: EnvironmentFingerprint, repeat: bool) -> LatencySample:
+    ref = m.reference
+    return LatencySample(
+        key=key, kind=kind, arch=target.arch, resolution=target.resolution, num_classes=target.num_classes,
+        in_channels=target.in_channels, keep_counts=list(counts),
+        latency_ms=m.sample.median_ms, iqr_ratio=m.sample.iqr_ratio,
+        reference_ms=ref.median_ms if ref else None, reference_iqr_ratio=ref.iqr_ratio if ref else None,
+        ratio=m.ratio, attempts=m.attempts, noisy=m.noisy, runs=m.sample.runs, measured_at=time.time(),
+        repeat=repeat, fingerprint=fingerprint)
+
+
+def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_samples: int, seed: int = 0,
+            repeat_share: float = 0.05, plan: TimingPlan | None = None, progress: Progress | None = None,
+            should_cancel: Callable[[], bool] | None = None, clock: Clock = time.perf_counter) -> ProfileResult:
+    """Measure the first `n_samples` configurations not yet in `store`, then the repeatability repeats.
+
+    Every sample is timed block-interleaved with the dense reference. A share `repeat_share` of the
+    configurations is measured a second time at the end (far apart in time from the first).
+    """
+    if not 0 <= repeat_share <= 1:
+        raise ValueError(f"repeat share must be in [0, 1], got {repeat_share}")
+    check_runnable(spec)
+    started = time.perf_counter()
+    fingerprint = current_fingerprint(spec)
+    configs = sample_configs(target.group_sizes, n_samples, seed)
+    existing = [s for s in store.load() if s.fingerprint == fingerprint and target.matches(s)]
+    done = {s.key for s in existing if not s.repeat}
+    repeated = {s.key for s in existing if s.repeat}
+    todo = [(config_key(c.keep_counts, target.resolution), c) for c in configs]
+    pending = [(k, c) for k, c in todo if k not in done]
+    n_repeats = math.ceil(repeat_share * len(configs)) if repeat_share > 0 else 0
+    order = np.random.default_rng([seed, 7919]).permutation(len(todo))
+    repeat_candidates = [todo[i] for i in order if todo[i][0] not in repeated]
+    repeat_todo = repeat_candidates[:max(0, n_repeats - len(repeated & {k for k, _ in todo}))]
+    result = ProfileResult(skipped=len(todo) - len(pending), total_samples=len(todo), fingerprint=fingerprint)
+    total = len(pending) + len(repeat_todo)
+    if progress:
+        progress(0, total, "measure")
+    with tempfile.TemporaryDirectory(prefix="latprune-profile-") as tmp, torch_threads(spec.threads):
+        workdir = Path(tmp)
+        reference = make_runner(spec, target, target.group_sizes, workdir, "reference")
+        jobs = [(k, c, False) for k, c in pending] + [(k, c, True) for k, c in repeat_todo]
+        for done_count, (key, config, is_repeat) in enumerate(jobs, start=1):
+            if should_cancel is not None and should_cancel():
+                raise ProfileCancelled(f"profile cancelled after {done_count - 1} of {total} measurements")
+            run = make_runner(spec, target, config.keep_counts, workdir, "sample")
+            m = measure(run, plan, clock, reference=reference)
+            del run
+            store.append(_sample(key, config.kind, target, config.keep_counts, m, fingerprint, is_repeat))
+            if is_repeat:
+                result.repeats += 1
+            else:
+                result.measured += 1
+            result.noisy += int(m.noisy)
+            if progress:
+                progress(done_count, total, "repeat" if is_repeat else "measure")
+    result.repeatability = repeatability([s for s in store.load()
+                                          if s.fingerprint == fingerprint and target.matches(s)])
+    result.elapsed_s = time.perf_counter() - started
+    return result

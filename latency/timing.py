@@ -1,0 +1,203 @@
+"""Robust timing of one inference callable: warm-up, blocks of timed runs, median, IQR/median, re-measure.
+
+The machines latprune runs on are shared and noisy, so a latency label is the median of several blocks of
+runs, its spread (IQR/median) is recorded, and a measurement whose spread exceeds `max_noise` is repeated.
+A dense reference model can be timed in alternation with the sample (block by block): the ratio of the
+two block medians cancels slow drifts of the machine's speed, which a single absolute median cannot.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from latency.device import DeviceSpec, check_runnable, onnxruntime_provider_names
+
+Clock = Callable[[], float]
+Run = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How much to run: warm-up runs, blocks x runs per block, noise threshold and re-measure attempts."""
+
+    warmup_runs: int = 5
+    blocks: int = 5
+    runs_per_block: int = 10
+    max_noise: float = 0.10
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if min(self.blocks, self.runs_per_block, self.max_attempts) < 1 or self.warmup_runs < 0:
+            raise ValueError("blocks, runs_per_block and max_attempts must be >= 1, warmup_runs >= 0")
+        if self.max_noise <= 0:
+            raise ValueError("max_noise must be > 0")
+
+
+@dataclass
+class Timing:
+    """One model's latency: median over all timed runs, IQR/median, per-block medians."""
+
+    median_ms: float
+    iqr_ratio: float
+    block_medians_ms: list[float]
+    runs: int
+
+
+@dataclass
+class Measurement:
+    """Outcome of a (possibly repeated) measurement; `reference` and `ratio` only when interleaved."""
+
+    sample: Timing
+    reference: Timing | None = None
+    ratio: float | None = None
+    attempts: int = 1
+    noisy: bool = False
+    noise_history: list[float] = field(default_factory=list)
+
+    @property
+    def noise(self) -> float:
+        """The larger IQR/median of sample and reference: what decides a re-measure."""
+        return max(self.sample.iqr_ratio, self.reference.iqr_ratio if self.reference else 0.0)
+
+
+def summarize(durations_s: Sequence[float], blocks: Sequence[Sequence[float]]) -> Timing:
+    """Median (ms), IQR/median and per-block medians of timed runs given in seconds."""
+    values = np.asarray(durations_s, dtype=np.float64)
+    median = float(np.median(values))
+    q1, q3 = np.percentile(values, [25, 75])
+    iqr_ratio = float((q3 - q1) / median) if median > 0 else 0.0
+    return Timing(median * 1e3, iqr_ratio, [float(np.median(b)) * 1e3 for b in blocks], len(values))
+
+
+def _time_block(run: Run, n: int, clock: Clock) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = clock()
+        run()
+        out.append(clock() - start)
+    return out
+
+
+def _attempt(run: Run, reference: Run | None, plan: TimingPlan, clock: Clock) -> Measurement:
+    for _ in range(plan.warmup_runs):
+        run()
+        if reference is not None:
+            reference()
+    sample_blocks: list[list[float]] = []
+    reference_blocks: list[list[float]] = []
+    for b in range(plan.blocks):
+        # ABBA order: neither model always runs right after the other's cache footprint.
+        order = [(run, sample_blocks), (reference, reference_blocks)]
+        if b % 2:
+            order.reverse()
+        for fn, sink in order:
+            if fn is not None:
+                sink.append(_time_block(fn, plan.runs_per_block, clock))
+    sample = summarize([t for blk in sample_blocks for t in blk], sample_blocks)
+    if reference is None:
+        return Measurement(sample)
+    ref = summarize([t for blk in reference_blocks for t in blk], reference_blocks)
+    # Ratio per block pair, then the median: drift between blocks cancels within each pair.
+    ratios = [s / r for s, r in zip(sample.block_medians_ms, ref.block_medians_ms, strict=True) if r > 0]
+    return Measurement(sample, ref, float(statistics.median(ratios)) if ratios else None)
+
+
+def measure(run: Run, plan: TimingPlan | None = None, clock: Clock = time.perf_counter,
+            reference: Run | None = None) -> Measurement:
+    """Time `run` (and `reference` block-interleaved with it, if given); re-measure while too noisy.
+
+    Keeps the least noisy attempt; `noisy` is True when no attempt got IQR/median <= plan.max_noise.
+    """
+    plan = plan or TimingPlan()
+    best: Measurement | None = None
+    history = []
+    for _ in range(plan.max_attempts):
+        current = _attempt(run, reference, plan, clock)
+        history.append(current.noise)
+        if best is None or current.noise < best.noise:
+            best = current
+        if current.noise <= plan.max_noise:
+            break
+    assert best is not None
+    best.attempts = len(history)
+    best.noise_history = history
+    best.noisy = best.noise > plan.max_noise
+    return best
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run a block with torch's intra-op thread count set to `threads`, restoring it afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def input_shape(spec: DeviceSpec, in_channels: int, resolution: int) -> tuple[int, int, int, int]:
+    """The NCHW shape every inference on the device uses."""
+    return (spec.batch, in_channels, resolution, resolution)
+
+
+def onnxruntime_session(onnx_path: str | Path, spec: DeviceSpec):
+    """An InferenceSession with the device's settings: fixed threads, sequential, no spinning, full opt."""
+    import onnxruntime as ort
+
+    check_runnable(spec)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the shared cores between runs and make neighbours' timings (and ours) noisy.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    provider = onnxruntime_provider_names()[spec.provider]
+    return ort.InferenceSession(str(onnx_path), options, providers=[provider])
+
+
+class OnnxRuntimeRunner:
+    """One inference of an ONNX model per call, with a fixed random input of the model's input shape."""
+
+    def __init__(self, onnx_path: str | Path, spec: DeviceSpec, seed: int = 0):
+        self.session = onnxruntime_session(onnx_path, spec)
+        inp = self.session.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        shape = [d if isinstance(d, int) else spec.batch for d in inp.shape]
+        self.feed = {inp.name: np.random.default_rng(seed).standard_normal(shape).astype(dtype)}
+
+    def __call__(self) -> None:
+        self.session.run(None, self.feed)
+
+
+class TorchRunner:
+    """One inference of a torch model per call (inference mode; CUDA synchronised so the time is real)."""
+
+    def __init__(self, model, spec: DeviceSpec, shape: Sequence[int]):
+        import torch
+
+        check_runnable(spec)
+        self.device = torch.device("cuda" if spec.provider == "cuda" else "cpu")
+        dtype = torch.float16 if spec.precision == "fp16" else torch.float32
+        self.model = model.to(self.device, dtype).eval()
+        self.x = torch.randn(*shape, device=self.device, dtype=dtype)
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self.torch = torch
+
+    def __call__(self) -> None:
+        with self.torch.inference_mode():
+            self.model(self.x)
+        if self.sync is not None:
+            self.sync()

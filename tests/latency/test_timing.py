@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from latency.timing import TimingPlan, measure, summarize
+
+
+class FakeClock:
+    """A clock that only moves when a fake inference advances it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scripted_run(clock: FakeClock, durations_s):
+    """A fake inference that advances `clock` by the next duration of `durations_s` on every call."""
+    it = iter(durations_s)
+
+    def run() -> None:
+        clock.now += next(it)
+
+    return run
+
+
+def test_stable_runs_measure_once_with_exact_median():
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=2, blocks=3, runs_per_block=4, max_noise=0.10, max_attempts=3)
+    m = measure(scripted_run(clock, itertools.repeat(0.002)), plan, clock)
+    assert m.attempts == 1 and not m.noisy
+    assert m.sample.median_ms == pytest.approx(2.0)
+    assert m.sample.iqr_ratio == pytest.approx(0.0)
+    assert m.sample.runs == 12
+
+
+def test_noisy_attempt_is_remeasured_and_the_quiet_one_kept():
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=1, blocks=2, runs_per_block=4, max_noise=0.10, max_attempts=3)
+    per_attempt = plan.warmup_runs + plan.blocks * plan.runs_per_block
+    noisy = [0.001, 0.003] * (per_attempt // 2) + [0.001] * (per_attempt % 2)
+    quiet = [0.002] * per_attempt
+    m = measure(scripted_run(clock, noisy + quiet), plan, clock)
+    assert m.attempts == 2
+    assert m.noise_history[0] > 0.10 and m.noise_history[1] == pytest.approx(0.0)
+    assert not m.noisy
+    assert m.sample.median_ms == pytest.approx(2.0)
+
+
+def test_always_noisy_gives_up_after_max_attempts_and_flags_it():
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=0, blocks=2, runs_per_block=4, max_noise=0.10, max_attempts=3)
+    m = measure(scripted_run(clock, itertools.cycle([0.001, 0.004])), plan, clock)
+    assert m.attempts == 3 and m.noisy
+    assert len(m.noise_history) == 3
+
+
+def test_interleaved_reference_ratio_cancels_drift_between_blocks():
+    # The machine slows down 2x after the first block pair; sample = 0.5 x reference throughout.
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=0, blocks=2, runs_per_block=3, max_noise=10.0, max_attempts=1)
+    speed = {"factor": 1.0, "calls": 0}
+
+    def advance(base):
+        def run():
+            clock.now += base * speed["factor"]
+            speed["calls"] += 1
+            if speed["calls"] == 6:  # after block 0 of both models
+                speed["factor"] = 2.0
+        return run
+
+    m = measure(advance(0.001), plan, clock, reference=advance(0.002))
+    assert m.ratio == pytest.approx(0.5)
+    assert m.reference is not None and m.sample.block_medians_ms == pytest.approx([1.0, 2.0])
+
+
+def test_summary_and_plan_validation():
+    t = summarize([0.001, 0.002, 0.003, 0.004], [[0.001, 0.002], [0.003, 0.004]])
+    assert t.median_ms == pytest.approx(2.5)
+    assert t.iqr_ratio == pytest.approx(1.5 / 2.5)
+    assert t.block_medians_ms == pytest.approx([1.5, 3.5])
+    with pytest.raises(ValueError):
+        TimingPlan(blocks=0)
