@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 from pruning import zoo
-from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget, trim_to_budget
+from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
+from pruning.finisher import fit_measured_latency, round_masks, trim_masks
 from pruning.groups import ChannelGraph
 from pruning.methods.context import MethodContext
 from pruning.registry import get_method, load_runner
@@ -52,6 +54,9 @@ class PruneRequest:
     data_root: Path | None = None
     device: str | None = None
     max_weights_bytes: int | None = None
+    # Latency budgets: how far over the target a re-measured model may be, and how often to trim and re-measure.
+    latency_tolerance: float = 0.05
+    latency_rounds: int = 3
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -123,12 +128,24 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                             lr=request.finetune_lr, seed=request.seed, progress=_stage_progress(progress, "prune"),
                             should_cancel=should_cancel, checkpoint_dir=ckpt / "method" if ckpt else None)
         result = load_runner(request.method)(ctx)
-        masks, trimmed = trim_to_budget(result.scores, result.keep_masks, budget_cost.fits)
-        counts = [int(m.sum()) for m in masks]
+        normalize = not result.info.get("comparable_scores", False)
+        masks, trimmed = trim_masks(result.scores, result.keep_masks, budget_cost.fits, normalize)
         result.model.cpu().eval()
+        round_to = int(result.info.get("finisher_round_to", 1))
+        latency_fit = None
+        if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+            latency_fit = fit_measured_latency(
+                budget_cost, result.scores, masks, _measurer(result, graph, dense_arch, input_shape, latency),
+                graph.sizes, request.latency_tolerance, request.latency_rounds, normalize, round_to)
+            masks = latency_fit.keep_masks
+        elif round_to > 1:
+            masks = round_masks(result.scores, masks, round_to, budget_cost.fits, graph.sizes)
+        counts = [int(m.sum()) for m in masks]
         pruned = materialize(result.model, graph, masks, result.scales)
         prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": result.info,
                       "predicted_cost": budget_cost.hard(counts)}
+        if latency_fit is not None:
+            prune_info["latency_fit"] = latency_fit.report()
         if ckpt is not None:
             zoo.save_arch(_describe(pruned, dense_arch), pruned_arch_path)
             zoo.save_weights(pruned, pruned_weights_path)
@@ -177,11 +194,30 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                        "measured": latency.measure_ms(str(out_dir / "model.onnx"))},
         }
         (out_dir / "dense.onnx").unlink()
+        if "latency_fit" in prune_info:
+            fit = prune_info["latency_fit"]
+            report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"], rounds=fit["rounds"],
+                                        channels_trimmed=fit["channels_trimmed"],
+                                        channels_added=fit["channels_added"], round_to=fit["round_to"],
+                                        rounding_applied=fit["rounding_applied"],
+                                        measurements=fit["measurements"])
     report["seconds"] = round(time.perf_counter() - started, 2)
     _atomic_json(out_dir / "report.json", report)
     if progress:
         progress({"stage": "export", "fraction": 1.0})
     return report
+
+
+def _measurer(result, graph: ChannelGraph, dense_arch: dict, input_shape: tuple[int, ...],
+              latency: LatencyPredictor) -> Callable[[list[torch.Tensor]], float]:
+    """masks -> measured ms of the materialized model on the latency device (ONNX + arch.json in a temp dir)."""
+    def measure(masks: list[torch.Tensor]) -> float:
+        candidate = materialize(result.model, graph, masks, result.scales)
+        with tempfile.TemporaryDirectory(prefix="latprune-measure-") as tmp:
+            zoo.save_arch(_describe(candidate, dense_arch), Path(tmp) / "arch.json")
+            return float(latency.measure_ms(str(export_onnx(candidate, Path(tmp) / "model.onnx", input_shape))))
+
+    return measure
 
 
 def _describe(model: torch.nn.Module, dense_arch: dict) -> dict:

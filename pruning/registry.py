@@ -31,6 +31,24 @@ class L1Params(MethodParams):
         "global", description="global ranking of layer-normalised L1 scores, or the same keep ratio per group")
 
 
+class WGatesParams(MethodParams):
+    hidden: int = Field(32, ge=1, le=1024, description="hidden width of each group's gate network")
+    gate_lr: float = Field(0.05, gt=0, le=10, description="SGD learning rate of the gate networks")
+    lambda_init: float = Field(1.0, gt=0, description="initial weight of the budget penalty")
+    lambda_rate: float = Field(0.05, ge=0, le=1, description="per-step relative change of the penalty weight "
+                                                              "(up while over the target, down while under)")
+    lambda_min: float = Field(1e-3, gt=0, description="lower bound of the penalty weight")
+    lambda_max: float = Field(1e4, gt=0, description="upper bound of the penalty weight")
+    init_score: float = Field(0.5, ge=0, le=1, description="initial gate score (>= 0: every gate starts open)")
+    norm_weight: float = Field(1.0, ge=0, le=10, description="initial weight of the gate networks' L1-norm skip "
+                                                             "term (0: gates start in random order)")
+    anneal_share: float = Field(0.5, ge=0, le=1, description="share of the training steps over which the gates' "
+                                                               "target falls from the dense cost to the budget")
+    target_margin: float = Field(0.0, ge=0, lt=0.5, description="aim the gates this fraction under the target")
+    device_rounding: bool = Field(True, description="with round_to=1, let the finisher round kept channels to "
+                                                    "the latency device's channel_multiple if that measures faster")
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method."""
@@ -53,6 +71,10 @@ METHODS: dict[str, MethodInfo] = {
     for info in (
         MethodInfo("l1", "L1-norm filter pruning (Li et al., ICLR 2017): prune the smallest-L1 filters to the "
                    "budget (bisection), then fine-tune. The baseline.", L1Params, "pruning.methods.l1:run"),
+        MethodInfo("wgates", "W-Gates (Li et al., ECCV-W 2020): binary channel gates computed from each filter's "
+                   "weights, trained with the task loss plus an adaptive penalty on the budget's cost (the "
+                   "device's LPNet latency, or MACs/params); then the finisher and fine-tuning.", WGatesParams,
+                   "pruning.methods.wgates:run"),
     )
 }
 

@@ -1,0 +1,220 @@
+"""The budget finisher after a method: trim (or grow) channel masks by importance, optional channel rounding,
+and the latency loop that re-measures the materialized model on the device and trims again while it is over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pruning.budget import BudgetCost, BudgetError, normalized_scores, trim_to_budget
+from pruning.surgery import masks_from_counts
+
+Masks = list[torch.Tensor]
+Fits = Callable[[list[int]], bool]
+
+
+def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
+    return [int(m.sum()) for m in masks]
+
+
+def _values(scores: Sequence[torch.Tensor], normalize: bool) -> list[torch.Tensor]:
+    return normalized_scores(scores) if normalize else [s.detach().float() for s in scores]
+
+
+def _largest_prefix(n: int, ok: Callable[[int], bool]) -> int:
+    """Largest k in [0, n] with ok(k), given ok(0) and ok monotone (true, then false)."""
+    lo, hi = 0, n
+    if ok(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def trim_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
+               normalize: bool = True) -> tuple[Masks, int]:
+    """Drop the least important kept channels (>= 1 per group) until the cost fits; (masks, channels removed).
+
+    `normalize`: rank scores divided by their group's mean (as the engine's finisher does); False ranks them as
+    they are, for methods whose scores share one scale across groups (gate scores with a common threshold).
+    """
+    if normalize:
+        return trim_to_budget(scores, keep_masks, fits)
+    masks = [m.clone().bool() for m in keep_masks]
+    if fits(_counts(masks)):
+        return masks, 0
+    values = _values(scores, normalize)
+    kept = sorted((float(values[g][c]), g, c) for g, m in enumerate(masks) for c in torch.nonzero(m).flatten().tolist())
+    order = [(g, c) for _, g, c in kept]
+
+    def after(k: int) -> Masks:
+        out = [m.clone() for m in masks]
+        left = _counts(out)
+        for g, c in order[:k]:
+            if left[g] > 1:
+                out[g][c] = False
+                left[g] -= 1
+        return out
+
+    if not fits(_counts(after(len(order)))):
+        raise BudgetError("the budget is below the cost of keeping one channel per group; raise it")
+    # Smallest k that fits = one more than the largest k that does not (cost is monotone in k).
+    k = _largest_prefix(len(order), lambda j: not fits(_counts(after(j)))) + 1
+    final = after(k)
+    return final, sum(_counts(masks)) - sum(_counts(final))
+
+
+def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
+               normalize: bool = True) -> tuple[Masks, int]:
+    """Add back the most important removed channels while the cost still fits; (masks, channels added)."""
+    masks = [m.clone().bool() for m in keep_masks]
+    values = _values(scores, normalize)
+    removed = sorted(((-float(values[g][c]), g, c) for g, m in enumerate(masks)
+                      for c in torch.nonzero(~m).flatten().tolist()))
+    order = [(g, c) for _, g, c in removed]
+
+    def after(k: int) -> Masks:
+        out = [m.clone() for m in masks]
+        for g, c in order[:k]:
+            out[g][c] = True
+        return out
+
+    if not fits(_counts(masks)):
+        return masks, 0
+    k = _largest_prefix(len(order), lambda j: fits(_counts(after(j))))
+    return after(k), k
+
+
+def rounded_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int, mode: str) -> list[int]:
+    """Counts rounded to multiples of `multiple` ('nearest' or 'down'), within [min(multiple, size), size]."""
+    out = []
+    for count, size in zip(keep_counts, sizes, strict=True):
+        step = count / multiple
+        units = math.floor(step + 0.5) if mode == "nearest" else math.floor(step)
+        out.append(int(min(size, max(min(multiple, size), units * multiple))))
+    return out
+
+
+def round_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], multiple: int, fits: Fits,
+                sizes: Sequence[int]) -> Masks:
+    """Masks with counts rounded to `multiple`: to the nearest multiple if that fits, else down (unchanged if
+    neither fits)."""
+    counts = _counts(keep_masks)
+    for mode in ("nearest", "down"):
+        candidate = rounded_counts(counts, sizes, multiple, mode)
+        if fits(candidate):
+            return masks_from_counts(scores, candidate)
+    return [m.clone().bool() for m in keep_masks]
+
+
+@dataclass
+class LatencyFit:
+    """What the measured-latency finisher did: final masks, every measurement, channels trimmed/added."""
+
+    keep_masks: Masks
+    target_ms: float
+    tolerance: float
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    rounds: int = 0
+    channels_trimmed: int = 0
+    channels_added: int = 0
+    round_to: int = 1
+    rounding_applied: bool = False
+
+    @property
+    def measured_ms(self) -> float:
+        return self.measurements[-1]["measured_ms"]
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.measured_ms <= self.target_ms * (1 + self.tolerance)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready summary for report.json."""
+        return {"target_ms": self.target_ms, "tolerance": self.tolerance, "rounds": self.rounds,
+                "channels_trimmed": self.channels_trimmed, "channels_added": self.channels_added,
+                "round_to": self.round_to, "rounding_applied": self.rounding_applied,
+                "within_tolerance": self.within_tolerance, "measurements": self.measurements}
+
+
+def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
+                         measure_ms: Callable[[Masks], float], sizes: Sequence[int], tolerance: float = 0.05,
+                         max_rounds: int = 3, normalize: bool = True, round_to: int = 1,
+                         grow: bool = True) -> LatencyFit:
+    """Measure the masked configuration on the device; while it is outside target*(1 +- tolerance), trim (or
+    grow) against the predicted-cost target scaled by predicted/measured and measure again (`max_rounds` times).
+
+    With `round_to` > 1, kept counts are rounded to that multiple first, but only if the rounded model
+    measures faster than the unrounded one.
+    """
+    target = budget.target
+    masks = [m.clone().bool() for m in keep_masks]
+    fit = LatencyFit(masks, target, tolerance, round_to=round_to)
+
+    states: list[tuple[Masks, float]] = []
+
+    def record(current: Masks, action: str) -> float:
+        counts = _counts(current)
+        measured = float(measure_ms(current))
+        fit.measurements.append({"action": action, "keep_counts": counts, "predicted_ms": budget.hard(counts),
+                                 "measured_ms": measured})
+        states.append((current, measured))
+        return measured
+
+    measured = record(masks, "initial")
+    if round_to > 1:
+        rounded = round_masks(scores, masks, round_to, budget.fits, sizes)
+        if _counts(rounded) != _counts(masks):
+            rounded_ms = record(rounded, f"round_to_{round_to}")
+            if rounded_ms < measured:
+                masks, measured, fit.rounding_applied = rounded, rounded_ms, True
+            else:
+                fit.measurements[-1]["rejected"] = True
+
+    def keep_rounded(current: Masks, fits: Fits) -> Masks:
+        return round_masks(scores, current, round_to, fits, sizes) if fit.rounding_applied else current
+
+    for _ in range(max_rounds):
+        over = measured > target * (1 + tolerance)
+        under = measured < target * (1 - tolerance)
+        if not (over or (under and grow)):
+            break
+        predicted = budget.hard(_counts(masks))
+        # The device runs this configuration measured/predicted times slower than LPNet says: aim the
+        # predicted cost where the measured one should land on the target.
+        scaled = predicted * target / measured
+
+        def fits_scaled(counts: list[int], limit: float = scaled) -> bool:
+            return budget.hard(counts) <= limit
+
+        before = _counts(masks)
+        if over:
+            masks, _ = trim_masks(scores, masks, fits_scaled, normalize)
+        else:
+            masks, _ = grow_masks(scores, masks, fits_scaled, normalize)
+        masks = keep_rounded(masks, fits_scaled)
+        after = _counts(masks)
+        if after == before:
+            break
+        fit.rounds += 1
+        measured = record(masks, "trim" if over else "grow")
+    limit = target * (1 + tolerance)
+    if measured > limit and fit.rounds:
+        # Growing overshot (or trimming fell short): fall back to the slowest measured state within the limit.
+        feasible = [(ms, i) for i, (_, ms) in enumerate(states) if ms <= limit
+                    and not fit.measurements[i].get("rejected")]
+        if feasible:
+            _, best = max(feasible)
+            masks, measured = states[best]
+            fit.measurements.append({**fit.measurements[best], "action": "restore"})
+    fit.keep_masks = masks
+    start, end = _counts(keep_masks), _counts(masks)
+    fit.channels_trimmed = sum(max(0, a - b) for a, b in zip(start, end, strict=True))
+    fit.channels_added = sum(max(0, b - a) for a, b in zip(start, end, strict=True))
+    return fit

@@ -1,0 +1,313 @@
+"""W-Gates: weight-dependent gates, straight-through gradients, the budget penalty, exact materialization,
+and the measured-latency finisher."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper, shape_inference
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pruning import zoo
+from pruning.budget import Budget, BudgetCost, parse_budget
+from pruning.cost import CostModel
+from pruning.finisher import fit_measured_latency, grow_masks, round_masks, rounded_counts, trim_masks
+from pruning.groups import ChannelGraph
+from pruning.methods import wgates
+from pruning.methods.context import MethodContext
+from pruning.pipeline import PruneRequest, run_prune
+from pruning.registry import WGatesParams, get_method
+from pruning.surgery import materialize
+
+
+def randomize_norms(model: nn.Module) -> None:
+    """Non-trivial BN statistics, so that a wrong surgery cannot hide behind identity BNs."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) * 0.4 + 0.1)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+
+
+def tiny_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = tiny_cnn().eval()
+    graph = ChannelGraph.build(model, (1, 3, 8, 8))
+    return model, graph, CostModel(graph)
+
+
+class FakeLatency:
+    """A differentiable stand-in for a device's LPNet: ms proportional to the MACs; `measure_ms` reads the MACs
+    off the exported ONNX and is `bias` times slower than predicted."""
+
+    def __init__(self, cost_model: CostModel, ms_per_mmac: float = 1.0, bias: float = 1.0):
+        self.cost_model = cost_model
+        self.ms_per_mmac = ms_per_mmac
+        self.bias = bias
+        self.measured: list[float] = []
+
+    def predict_ms(self, keep_ratios: torch.Tensor) -> torch.Tensor:
+        counts = keep_ratios[0].double() * self.cost_model.group_sizes
+        ms = self.cost_model.macs(counts) / 1e6 * self.ms_per_mmac
+        return ms.float().unsqueeze(0)
+
+    def measure_ms(self, onnx_path: str) -> float:
+        ms = onnx_macs(onnx_path) / 1e6 * self.ms_per_mmac * self.bias
+        self.measured.append(ms)
+        return ms
+
+
+def onnx_macs(path) -> int:
+    """MACs of the Conv and Gemm nodes of an ONNX file, read off the graph itself."""
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            weight = inits[node.input[1]]
+            h, w = shapes[node.output[0]][2:]
+            total += int(np.prod(weight.shape)) * h * w
+        elif node.op_type == "Gemm":
+            total += int(np.prod(inits[node.input[1]].shape))
+    return total
+
+
+def random_loader(n: int = 32, batch: int = 8, classes: int = 4, resolution: int = 8) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, resolution, resolution, generator=gen),
+                         torch.randint(0, classes, (n,), generator=gen))
+    return DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def test_wgates_is_registered_with_validated_params():
+    info = get_method("wgates")
+    assert info.target == "pruning.methods.wgates:run"
+    assert info.validate_params({"hidden": 8}).hidden == 8
+    with pytest.raises(ValueError):
+        info.validate_params({"gate_lr": -1})
+
+
+def test_binary_gate_is_a_step_with_straight_through_window():
+    s = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    g = wgates.binary_gate(s)
+    assert g.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    (g * torch.arange(1.0, 8.0)).sum().backward()
+    # dg/ds = 1[|s| <= 1]: the upstream gradient passes inside the window only.
+    assert s.grad.tolist() == [0, 2, 3, 4, 5, 6, 0]
+
+
+def test_gate_score_is_a_function_of_the_filter_weights():
+    model, graph, _ = tiny_setup()
+    gated = wgates.GatedNetwork(model, graph, hidden=8)
+    gate_state = copy.deepcopy(gated.gates.state_dict())
+    before = [s.detach().clone() for s in gated.scores()]
+    with torch.no_grad():
+        model[0].weight[3].mul_(-2.0).add_(0.3)
+    after = gated.scores()
+    assert all(torch.equal(a, b) for a, b in zip(gate_state.values(), gated.gates.state_dict().values(),
+                                                 strict=True))
+    assert abs(float(after[0][3].detach() - before[0][3])) > 1e-3
+    # The second group's filters are untouched, so its scores are too.
+    assert torch.allclose(after[1], before[1])
+    gated.remove()
+
+
+def test_budget_penalty_gradients_reach_gate_networks_and_filters():
+    model, graph, cost = tiny_setup()
+    gated = wgates.GatedNetwork(model, graph, hidden=8)
+    gated(torch.randn(2, 3, 8, 8))
+    # Only the gates connect the cost to the weights: no task loss in this objective.
+    cost.macs(gated.keep_counts()).backward()
+    for gate in gated.gates:
+        assert gate.net[2].bias.grad is not None and float(gate.net[2].bias.grad) > 0
+        assert float(gate.net[0].weight.grad.abs().sum()) > 0
+    assert float(model[0].weight.grad.abs().sum()) > 0
+    assert float(model[3].weight.grad.abs().sum()) > 0
+    gated.remove()
+    assert not model[1]._forward_hooks  # the gate hooks are gone: the bare model is back
+
+
+def test_gated_model_with_closed_gates_equals_materialized_model():
+    torch.manual_seed(0)
+    model = zoo.build_model("resnet20", 10, 3).eval()
+    randomize_norms(model)
+    graph = ChannelGraph.build(model, (1, 3, 16, 16))
+    gated = wgates.GatedNetwork(model, graph, hidden=8).eval()
+    with torch.no_grad():
+        for gate, group in zip(gated.gates, graph.groups, strict=True):
+            gate.norm_weight.fill_(0.0)
+            gate.net[2].weight.normal_(std=1.0)
+            # Put every group's threshold at its median score: about half of the gates close.
+            raw = gate(wgates.filter_vectors(model, group))
+            gate.net[2].bias.sub_(raw.median() + 1e-4)
+        masks = wgates.final_masks(gated.scores())
+        assert all(0 < int(m.sum()) < m.numel() for m in masks)
+        x = torch.randn(4, 3, 16, 16)
+        gated_out = gated(x)
+        gated.remove()
+        pruned = materialize(model, graph, masks).eval()
+        assert [p.shape for p in pruned.parameters()] != [p.shape for p in model.parameters()]
+        assert float((pruned(x) - gated_out).abs().max()) <= 1e-4
+
+
+def method_context(budget_text: str, latency=None, epochs: int = 3, **params) -> MethodContext:
+    model, graph, cost = tiny_setup()
+    budget = BudgetCost(parse_budget(budget_text), cost, latency(cost) if latency else None)
+    loader = random_loader()
+    return MethodContext(model=model, graph=graph, cost_model=cost, budget=budget,
+                         params=WGatesParams(**params), train_loader=loader, val_loader=loader,
+                         device=torch.device("cpu"), epochs=epochs, lr=0.01)
+
+
+def test_latency_penalty_lowers_predicted_latency_in_a_few_steps():
+    ctx = method_context("latency_ms=0.03@fake", latency=FakeLatency, epochs=3, gate_lr=0.5, anneal_share=0.3)
+    dense_ms = ctx.budget.dense()
+    assert ctx.budget.target < 0.6 * dense_ms
+    result = wgates.run(ctx)
+    counts = [int(m.sum()) for m in result.keep_masks]
+    assert result.info["steps"] == 12
+    assert ctx.budget.hard(counts) < 0.8 * dense_ms
+    # The trace of the training cost falls as the penalty closes gates.
+    trace = result.info["cost_trace"]
+    assert trace[-1] < trace[0]
+    assert result.info["comparable_scores"] is True and result.scales is None
+    assert [len(s) for s in result.scores] == ctx.graph.sizes
+
+
+def test_flops_budget_uses_the_same_penalty_path():
+    ctx = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3)
+    result = wgates.run(ctx)
+    counts = [int(m.sum()) for m in result.keep_masks]
+    assert ctx.budget.hard(counts) < ctx.budget.dense()
+    assert result.info["target"] == pytest.approx(0.4 * ctx.cost_model.dense_macs)
+    assert result.info["finisher_round_to"] == 1
+
+
+def test_trim_and_grow_by_raw_or_normalized_scores():
+    scores = [torch.tensor([0.5, -0.2, 0.1, 0.9]), torch.tensor([2.0, 1.5, 1.2])]
+    masks = [torch.tensor([True, False, True, True]), torch.ones(3, dtype=torch.bool)]
+
+    def fits_total(limit):
+        return lambda counts: sum(counts) <= limit
+
+    trimmed, removed = trim_masks(scores, masks, fits_total(4), normalize=False)
+    # Raw scores: the two weakest kept channels overall are 0.1 (group 0) and 0.5 (group 0).
+    assert removed == 2 and trimmed[0].tolist() == [False, False, False, True] and trimmed[1].all()
+    trimmed_norm, removed_norm = trim_masks(scores, masks, fits_total(4), normalize=True)
+    assert removed_norm == 2 and int(trimmed_norm[1].sum()) < 3  # normalized: group 1 loses its weakest
+    grown, added = grow_masks(scores, masks, fits_total(7), normalize=False)
+    assert added == 1 and grown[0].all()
+    same, none = grow_masks(scores, masks, fits_total(5), normalize=False)
+    assert none == 0 and [m.tolist() for m in same] == [m.tolist() for m in masks]
+
+
+def test_rounding_to_a_channel_multiple():
+    assert rounded_counts([5, 3, 12, 16], [16, 16, 16, 16], 4, "nearest") == [4, 4, 12, 16]
+    assert rounded_counts([5, 3, 15, 16], [16, 16, 16, 16], 4, "down") == [4, 4, 12, 16]
+    scores = [torch.arange(8.0), torch.arange(8.0)]
+    masks = [torch.arange(8) >= 2, torch.arange(8) >= 5]  # 6 and 3 kept
+    rounded = round_masks(scores, masks, 4, lambda counts: sum(counts) <= 8, [8, 8])
+    assert [int(m.sum()) for m in rounded] == [4, 4]  # nearest would be 8 + 4: too big, so down
+    assert rounded[0].tolist() == [False] * 4 + [True] * 4  # the best channels stay
+
+
+def cost_budget(cost: CostModel, target_ms: float, latency: FakeLatency) -> BudgetCost:
+    return BudgetCost(Budget("latency_ms", target_ms, "fake"), cost, latency)
+
+
+def test_measured_latency_finisher_trims_until_the_device_fits():
+    model, graph, cost = tiny_setup()
+    latency = FakeLatency(cost, bias=1.3)
+    budget = cost_budget(cost, 0.6 * float(cost.dense_macs) / 1e6, latency)
+    scores = [torch.rand(g.size) for g in graph.groups]
+    masks, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
+    calls = []
+
+    def measure(current):
+        calls.append([int(m.sum()) for m in current])
+        return budget.hard(calls[-1]) * 1.3  # the device is 30% slower than predicted
+
+    fit = fit_measured_latency(budget, scores, masks, measure, graph.sizes, tolerance=0.05, max_rounds=3)
+    assert fit.measurements[0]["measured_ms"] > budget.target * 1.05
+    assert fit.rounds >= 1 and fit.channels_trimmed > 0 and fit.within_tolerance
+    assert fit.measured_ms <= budget.target * 1.05
+    assert [int(m.sum()) for m in fit.keep_masks] == calls[-1]
+    report = fit.report()
+    assert report["rounds"] == fit.rounds and len(report["measurements"]) == fit.rounds + 1
+
+
+def test_measured_latency_finisher_grows_when_far_under_and_rounds_only_if_faster():
+    _, graph, cost = tiny_setup()
+    latency = FakeLatency(cost)
+    budget = cost_budget(cost, 0.7 * float(cost.dense_macs) / 1e6, latency)
+    scores = [torch.rand(g.size) for g in graph.groups]
+    masks, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
+
+    def slow_measure(current):
+        return budget.hard([int(m.sum()) for m in current]) * 0.7
+
+    fit = fit_measured_latency(budget, scores, masks, slow_measure, graph.sizes, tolerance=0.05)
+    assert fit.channels_added > 0 and fit.measured_ms > fit.measurements[0]["measured_ms"]
+
+    odd = [torch.arange(8) >= 3, torch.arange(12) >= 5]  # 5 and 7 kept: the nearest multiples of 4 are 4, 8
+    roomy = cost_budget(cost, 2 * budget.dense(), latency)
+    for factor, applied in ((2.0, False), (0.5, True)):
+        def rounding_changes_speed(current, factor=factor):
+            counts = [int(m.sum()) for m in current]
+            return roomy.hard(counts) * (factor if all(c % 4 == 0 for c in counts) else 1.0)
+
+        fit = fit_measured_latency(roomy, scores, odd, rounding_changes_speed, graph.sizes, tolerance=0.9,
+                                       round_to=4, grow=False)
+        assert fit.rounding_applied is applied and bool(fit.measurements[1].get("rejected")) is not applied
+        expected = [4, 8] if applied else [5, 7]
+        assert [int(m.sum()) for m in fit.keep_masks] == expected
+
+
+class PipelineLatency(FakeLatency):
+    """FakeLatency for run_prune: builds its cost model lazily from the dense model the pipeline trains."""
+
+    def __init__(self, arch: str, resolution: int, in_channels: int, bias: float):
+        model = zoo.build_model(arch, 10, in_channels).eval()
+        super().__init__(CostModel(ChannelGraph.build(model, (1, in_channels, resolution, resolution))),
+                         ms_per_mmac=1.0, bias=bias)
+
+
+def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
+    latency = PipelineLatency("resnet20", 16, 1, bias=1.6)
+    dense_ms = float(latency.cost_model.dense_macs) / 1e6
+    target = 0.5 * dense_ms
+    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="wgates",
+                           budget=Budget("latency_ms", target, "fake"), epochs=1, finetune_epochs=0,
+                           resolution=16, params={"gate_lr": 0.2})
+    report = run_prune(request, tmp_path, latency=latency)
+    section = report["latency_ms"]
+    assert section["target"] == pytest.approx(target)
+    assert section["rounds"] >= 1 and section["channels_trimmed"] > 0
+    first, last = section["measurements"][0], section["measurements"][-1]
+    assert first["measured_ms"] > target * 1.05
+    assert last["measured_ms"] <= target * 1.05
+    assert section["pruned"]["measured"] == pytest.approx(last["measured_ms"], rel=1e-6)
+    assert section["dense"]["measured"] == pytest.approx(dense_ms * 1.6, rel=1e-6)
+    assert section["pruned"]["predicted"] == pytest.approx(last["predicted_ms"], rel=1e-6)
+    assert report["keep_counts"] == last["keep_counts"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["latency_ms"]["rounds"] == section["rounds"]
+    assert saved["method_info"]["comparable_scores"] is True
