@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class UnknownMethodError(ValueError):
@@ -49,6 +49,44 @@ class WGatesParams(MethodParams):
                                                     "the latency device's channel_multiple if that measures faster")
 
 
+class OFAParams(MethodParams):
+    budgets: list[float] = Field(
+        default_factory=list, max_length=32,
+        description="the cohort's budgets, in the job budget's kind (flops/params: fractions of the dense model at "
+                    "the base resolution; macs: absolute; latency_ms: ms on the budget's device); empty: the job's")
+    resolutions: list[int] = Field(
+        default_factory=list, max_length=16,
+        description="input resolutions in pixels (every budget x every resolution is a member); empty: the job's")
+    sparsity: float = Field(1e-4, ge=0, le=1, description="L1 weight on BN gammas during the structure search")
+    early_bird_threshold: float = Field(0.99, gt=0, le=1, description="stop the search once consecutive epochs' "
+                                                                      "masks have at least this cosine similarity")
+    early_bird_patience: int = Field(3, ge=1, le=1000, description="... for this many epochs in a row")
+    sampled_members: int = Field(2, ge=0, le=64, description="members sampled per joint-training step besides the "
+                                                             "full network and the smallest member (K)")
+    distill_temperature: float = Field(1.0, gt=0, le=100, description="temperature of the in-place distillation "
+                                                                      "from the full network")
+    recalibration_batches: int = Field(20, ge=1, le=100000, description="training batches per member to "
+                                                                        "re-estimate its BN statistics")
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive_budgets(cls, values: list[float]) -> list[float]:
+        if any(not v > 0 for v in values):
+            raise ValueError("every budget must be positive")
+        if len(set(values)) != len(values):
+            raise ValueError("budgets must be distinct")
+        return values
+
+    @field_validator("resolutions")
+    @classmethod
+    def _sane_resolutions(cls, values: list[int]) -> list[int]:
+        if any(not 4 <= v <= 1024 for v in values):
+            raise ValueError("every resolution must be in 4..1024 pixels")
+        if len(set(values)) != len(values):
+            raise ValueError("resolutions must be distinct")
+        return values
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method."""
@@ -57,6 +95,8 @@ class MethodInfo:
     description: str
     params_model: type[MethodParams]
     target: str  # "module:function", imported only when the method runs
+    # A cohort method yields many subnets (pruning.cohort.run_cohort), not one (pipeline.run_prune).
+    produces_cohort: bool = False
 
     def params_schema(self) -> dict[str, Any]:
         return self.params_model.model_json_schema()
@@ -75,6 +115,10 @@ METHODS: dict[str, MethodInfo] = {
                    "weights, trained with the task loss plus an adaptive penalty on the budget's cost (the "
                    "device's LPNet latency, or MACs/params); then the finisher and fine-tuning.", WGatesParams,
                    "pruning.methods.wgates:run"),
+        MethodInfo("ofa", "OFARPruning (Sun et al.): once-for-all cohort over budgets x input resolutions. Structure "
+                   "search by L1 on BN gammas with an early-bird stop, then joint training of the shared weights "
+                   "(sandwich rule, in-place distillation); every member is materialized, BN-recalibrated and "
+                   "exported.", OFAParams, "pruning.methods.ofa:run", produces_cohort=True),
     )
 }
 
