@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,8 +134,12 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     device = next(model.parameters()).device
     example = torch.randn(*input_shape, device=device)
     try:
-        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                          opset_version=opset, dynamo=False)
+        # The TorchScript exporter is deprecated but several times faster than the dynamo one for these static
+        # CNNs, which matters when the profiler exports thousands of variants.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                              opset_version=opset, dynamo=False)
     finally:
         model.train(was_training)
     return path
