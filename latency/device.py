@@ -119,7 +119,8 @@ class EnvironmentFingerprint(BaseModel):
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
-def _cpu_info() -> tuple[str, list[str]]:
+def cpu_info() -> tuple[str, list[str]]:
+    """(CPU model name, the latency-relevant instruction-set extensions it has)."""
     model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -139,7 +140,7 @@ def current_fingerprint(spec: DeviceSpec) -> EnvironmentFingerprint:
     import onnxruntime as ort
     import torch
 
-    cpu_model, isa = _cpu_info()
+    cpu_model, isa = cpu_info()
     gpu_name = None
     if spec.provider == "cuda" and torch.cuda.is_available():
         gpu_name = torch.cuda.get_device_name(0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latency.samples import LatencySample
+from latency.samples import LatencySample, best_measurements
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LatencyData:
     ratio: np.ndarray
     macs_ratio: np.ndarray  # MACs / dense MACs at the sample's resolution
     layer_terms: np.ndarray  # [N, K] per-layer terms of the lookup-table baseline
+    noise: np.ndarray  # IQR/median of the label's measurement (sample or reference, the larger)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -39,7 +40,7 @@ class LatencyData:
         t = torch.as_tensor(idx)
         return LatencyData([self.keys[i] for i in idx], self.resolutions, self.keep_ratios[t], self.res_index[t],
                            self.latency_ms[idx], self.reference_ms[idx], self.ratio[idx], self.macs_ratio[idx],
-                           self.layer_terms[idx])
+                           self.layer_terms[idx], self.noise[idx])
 
     def reference_by_resolution(self) -> list[float]:
         """Median reference latency (ms) per resolution: converts relative predictions to ms."""
@@ -66,15 +67,9 @@ def layer_terms(cost_model, keep_counts: Sequence[int]) -> np.ndarray:
 
 
 def build_data(samples: Sequence[LatencySample], cost_models: Mapping[int, object]) -> LatencyData:
-    """First measurement of every configuration (repeats left out), with features from `cost_models[res]`."""
-    seen, rows = set(), []
-    for s in samples:
-        if s.repeat or s.key in seen or s.ratio is None or s.reference_ms is None:
-            continue
-        if s.resolution not in cost_models:
-            continue
-        seen.add(s.key)
-        rows.append(s)
+    """Least noisy measurement of every configuration (repeats left out), features from `cost_models[res]`."""
+    rows = [s for s in best_measurements(samples).values()
+            if s.ratio is not None and s.reference_ms is not None and s.resolution in cost_models]
     if not rows:
         raise ValueError("no usable samples (each needs an interleaved reference measurement)")
     resolutions = sorted({s.resolution for s in rows})
@@ -94,7 +89,8 @@ def build_data(samples: Sequence[LatencySample], cost_models: Mapping[int, objec
         keep_ratios=torch.as_tensor(np.stack(ratios), dtype=torch.float32),
         res_index=torch.as_tensor([resolutions.index(s.resolution) for s in rows], dtype=torch.long),
         latency_ms=np.asarray([s.latency_ms for s in rows]), reference_ms=np.asarray([s.reference_ms for s in rows]),
-        ratio=np.asarray([s.ratio for s in rows]), macs_ratio=np.asarray(macs), layer_terms=np.stack(terms))
+        ratio=np.asarray([s.ratio for s in rows]), macs_ratio=np.asarray(macs), layer_terms=np.stack(terms),
+        noise=np.asarray([s.noise for s in rows]))
 
 
 def split_keys(keys: Sequence[str], test_share: float, seed: int = 0) -> list[str]:
@@ -122,9 +118,10 @@ def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict:
 class FlopsLinear:
     """Baseline: latency = a * MACs + b (on relative latency, MACs relative to dense: the same thing scaled)."""
 
-    def fit(self, data: LatencyData, y: np.ndarray) -> FlopsLinear:
+    def fit(self, data: LatencyData, y: np.ndarray, weights: np.ndarray | None = None) -> FlopsLinear:
         design = np.stack([data.macs_ratio, np.ones(len(data))], axis=1)
-        self.coef = np.linalg.lstsq(design, y, rcond=None)[0]
+        root_w = np.sqrt(np.ones(len(data)) if weights is None else weights)
+        self.coef = np.linalg.lstsq(design * root_w[:, None], y * root_w, rcond=None)[0]
         return self
 
     def predict(self, data: LatencyData) -> np.ndarray:
@@ -139,12 +136,13 @@ class LayerTable:
     learned from whole-network measurements instead of timing every layer alone.
     """
 
-    def fit(self, data: LatencyData, y: np.ndarray) -> LayerTable:
+    def fit(self, data: LatencyData, y: np.ndarray, weights: np.ndarray | None = None) -> LayerTable:
         from scipy.optimize import nnls
 
         design = np.concatenate([data.layer_terms, np.ones((len(data), 1))], axis=1)
         self.scale = np.maximum(np.abs(design).max(0), 1e-12)
-        self.coef = nnls(design / self.scale, y, maxiter=50 * design.shape[1])[0]
+        root_w = np.sqrt(np.ones(len(data)) if weights is None else weights)
+        self.coef = nnls(design / self.scale * root_w[:, None], y * root_w, maxiter=50 * design.shape[1])[0]
         return self
 
     def predict(self, data: LatencyData) -> np.ndarray:
@@ -152,16 +150,29 @@ class LayerTable:
         return (design / self.scale) @ self.coef
 
 
-def both_spaces(relative: np.ndarray, data: LatencyData, reference_ms: Sequence[float]) -> dict:
-    """Metrics of relative predictions against measured ratios, and (x reference ms) against measured ms."""
+def noise_weights(noise: np.ndarray, scale: float = 0.2) -> np.ndarray:
+    """Training weight of a label from its measurement's IQR/median: ~1 below 10%, 0.5 at 20%, ~0 above 40%."""
+    return 1.0 / (1.0 + (np.asarray(noise) / scale) ** 4)
+
+
+def both_spaces(relative: np.ndarray, data: LatencyData, reference_ms: Sequence[float],
+                max_noise: float = 0.10) -> dict:
+    """Metrics of relative predictions against measured ratios, and (x reference ms) against measured ms;
+    `relative_clean`: only against labels whose measurement passed the noise check (IQR/median <= max_noise)."""
     ref = np.asarray(reference_ms)[data.res_index.numpy()]
-    return {"relative": metrics(relative, data.ratio), "absolute_ms": metrics(relative * ref, data.latency_ms)}
+    out = {"relative": metrics(relative, data.ratio), "absolute_ms": metrics(relative * ref, data.latency_ms)}
+    clean = data.noise <= max_noise
+    if clean.sum() > 2:
+        out["relative_clean"] = metrics(relative[clean], data.ratio[clean])
+    return out
 
 
 def baseline_predictions(train: LatencyData, test: LatencyData) -> dict[str, np.ndarray]:
-    """Relative-latency predictions on `test` of FLOPs-linear and the lookup table, fitted on `train`."""
-    return {"flops_linear": FlopsLinear().fit(train, train.ratio).predict(test),
-            "lookup_table": LayerTable().fit(train, train.ratio).predict(test)}
+    """Relative-latency predictions on `test` of FLOPs-linear and the lookup table, fitted on `train` with
+    the same label weights as LPNet."""
+    weights = noise_weights(train.noise)
+    return {"flops_linear": FlopsLinear().fit(train, train.ratio, weights).predict(test),
+            "lookup_table": LayerTable().fit(train, train.ratio, weights).predict(test)}
 
 
 def lpnet_relative(net, data: LatencyData) -> np.ndarray:

@@ -112,10 +112,13 @@ class WidthFeatures(nn.Module):
 class LPNet(nn.Module):
     """Latency predictor of one (device, architecture): features -> standardised MLP -> log latency target."""
 
-    def __init__(self, features: WidthFeatures, hidden: Sequence[int] = (256, 256), target: Target = "log_ratio"):
+    def __init__(self, features: WidthFeatures, hidden: Sequence[int] = (256, 256), target: Target = "log_ratio",
+                 members: int = 1):
         super().__init__()
         if target not in ("log_ratio", "log_ms"):
             raise PredictorError(f"target must be log_ratio or log_ms, got {target!r}")
+        if members < 1:
+            raise PredictorError(f"an LPNet needs at least one member, got {members}")
         self.features = features
         self.target = target
         self.hidden = [int(h) for h in hidden]
@@ -125,6 +128,9 @@ class LPNet(nn.Module):
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
         self.register_buffer("reference_ms", torch.ones(len(features.resolutions)))
+        self.members = nn.ModuleList(self._mlp(n_in) for _ in range(members))
+
+    def _mlp(self, n_in: int) -> nn.Sequential:
         layers: list[nn.Module] = []
         width = n_in
         for h in self.hidden:
@@ -132,7 +138,7 @@ class LPNet(nn.Module):
             layers += [nn.Linear(width, h), nn.SiLU()]
             width = h
         layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        return nn.Sequential(*layers)
 
     @property
     def resolutions(self) -> list[int]:
@@ -150,9 +156,12 @@ class LPNet(nn.Module):
             raise PredictorError(f"this predictor was fitted for resolutions {self.resolutions}, not {resolution}")
         return torch.full((batch,), index, dtype=torch.long, device=self.reference_ms.device)
 
-    def standardized(self, features: torch.Tensor) -> torch.Tensor:
-        """The MLP's output for features already computed by self.features."""
-        return self.mlp((features - self.feature_mean) / self.feature_std).squeeze(1)
+    def standardized(self, features: torch.Tensor, member: int | None = None) -> torch.Tensor:
+        """Standardised prediction from features computed by self.features: one member's, or the members' mean."""
+        x = (features - self.feature_mean) / self.feature_std
+        if member is not None:
+            return self.members[member](x).squeeze(1)
+        return torch.stack([m(x).squeeze(1) for m in self.members]).mean(0)
 
     def forward(self, keep_ratios: torch.Tensor, res_index: torch.Tensor) -> torch.Tensor:
         """Prediction in target space (log ratio to the reference, or log ms)."""
@@ -198,69 +207,91 @@ class FitConfig:
     val_share: float = 0.15
     seed: int = 0
     threads: int = 1  # a small MLP trains fastest on one thread; more only contend on shared cores
+    # Huber in log-latency units: quadratic within +-delta (~ +-5%), linear beyond, so the few samples a
+    # busy machine ruined pull on the fit no harder than a 5% error does.
+    huber_delta: float = 0.05
+    # Members trained from different initialisations and validation splits; their mean (in log space)
+    # has lower variance than any one of them, and so do its gradients.
+    members: int = 4
 
 
 def fit_lpnet(features: WidthFeatures, keep_ratios: torch.Tensor, res_index: torch.Tensor, target_values: torch.Tensor,
-              reference_ms: Sequence[float], target: Target = "log_ratio",
-              config: FitConfig | None = None) -> tuple[LPNet, dict]:
+              reference_ms: Sequence[float], target: Target = "log_ratio", config: FitConfig | None = None,
+              sample_weights: torch.Tensor | None = None) -> tuple[LPNet, dict]:
     """Fit an LPNet on (keep ratios, resolution index) -> target values (already log-transformed)."""
     from latency.timing import torch_threads
 
     config = config or FitConfig()
+    weights = torch.ones(len(keep_ratios)) if sample_weights is None else sample_weights.float()
     with torch_threads(config.threads):
-        return _fit(features, keep_ratios, res_index, target_values, reference_ms, target, config)
+        return _fit(features, keep_ratios, res_index, target_values, reference_ms, target, config, weights)
+
+
+def _weighted_huber(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, delta: float) -> torch.Tensor:
+    losses = nn.functional.huber_loss(pred, target, delta=delta, reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 def _fit(features: WidthFeatures, keep_ratios: torch.Tensor, res_index: torch.Tensor, target_values: torch.Tensor,
-         reference_ms: Sequence[float], target: Target, config: FitConfig) -> tuple[LPNet, dict]:
+         reference_ms: Sequence[float], target: Target, config: FitConfig,
+         weights: torch.Tensor) -> tuple[LPNet, dict]:
     n = len(keep_ratios)
     if n < 4:
         raise PredictorError(f"fitting needs at least 4 samples, got {n}")
-    generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    net = LPNet(features, config.hidden, target)
-    x = keep_ratios.float()
+    net = LPNet(features, config.hidden, target, config.members)
     y = target_values.float()
     with torch.no_grad():
-        feats = features(x, res_index)
-    order = torch.randperm(n, generator=generator)
-    n_val = max(1, int(round(config.val_share * n)))
-    val, train = order[:n_val], order[n_val:]
-    with torch.no_grad():
-        mean, std = feats[train].mean(0), feats[train].std(0)
+        feats = features(keep_ratios.float(), res_index)
+        mean, std = feats.mean(0), feats.std(0)
         net.feature_mean.copy_(mean)
         net.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
-        net.target_mean.fill_(float(y[train].mean()))
-        net.target_std.fill_(float(y[train].std()) if len(train) > 1 and float(y[train].std()) > 1e-6 else 1.0)
+        net.target_mean.fill_(float(y.mean()))
+        net.target_std.fill_(float(y.std()) if n > 1 and float(y.std()) > 1e-6 else 1.0)
         net.reference_ms.copy_(torch.as_tensor(reference_ms, dtype=torch.float32))
     z = (y - net.target_mean) / net.target_std
-    optimizer = torch.optim.AdamW(net.mlp.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    delta = config.huber_delta / float(net.target_std)
+    n_val = max(1, int(round(config.val_share * n)))
+    infos = []
+    for k in range(config.members):
+        generator = torch.Generator().manual_seed(config.seed * 1000 + k)
+        order = torch.randperm(n, generator=generator)
+        infos.append(_fit_member(net, k, feats, z, weights, order[n_val:], order[:n_val], delta, config, generator))
+    net.eval()
+    info = {"epochs": [i[0] for i in infos], "best_epoch": [i[1] for i in infos],
+            "val_huber_log": float(sum(i[2] for i in infos) / len(infos)) * float(net.target_std) ** 2,
+            "train_samples": n - n_val, "val_samples": n_val, "members": config.members}
+    return net, info
+
+
+def _fit_member(net: LPNet, k: int, feats: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, train: torch.Tensor,
+                val: torch.Tensor, delta: float, config: FitConfig,
+                generator: torch.Generator) -> tuple[int, int, float]:
+    mlp = net.members[k]
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.patience // 3)
     best_loss, best_state, best_epoch, epoch = math.inf, None, 0, 0
     for epoch in range(1, config.max_epochs + 1):
-        net.train()
+        mlp.train()
         perm = train[torch.randperm(len(train), generator=generator)]
         for start in range(0, len(perm), config.batch_size):
             batch = perm[start:start + config.batch_size]
-            loss = nn.functional.mse_loss(net.standardized(feats[batch]), z[batch])
+            loss = _weighted_huber(net.standardized(feats[batch], k), z[batch], weights[batch], delta)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        net.eval()
+        mlp.eval()
         with torch.no_grad():
-            val_loss = float(nn.functional.mse_loss(net.standardized(feats[val]), z[val]))
+            val_loss = float(_weighted_huber(net.standardized(feats[val], k), z[val], weights[val], delta))
         scheduler.step(val_loss)
         if val_loss < best_loss - 1e-7:
             best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in net.mlp.state_dict().items()}
+            best_state = {name: v.detach().clone() for name, v in mlp.state_dict().items()}
         elif epoch - best_epoch >= config.patience:
             break
     if best_state is not None:
-        net.mlp.load_state_dict(best_state)
-    net.eval()
-    info = {"epochs": epoch, "best_epoch": best_epoch, "val_mse_log": best_loss * float(net.target_std) ** 2,
-            "train_samples": len(train), "val_samples": len(val)}
-    return net, info
+        mlp.load_state_dict(best_state)
+    return epoch, best_epoch, best_loss
 
 
 class PredictorMeta(BaseModel):
@@ -277,6 +308,7 @@ class PredictorMeta(BaseModel):
     n_layers: int
     target: Target
     hidden: list[int]
+    members: int = 1
     reference_ms: list[float]
     training_samples: int
     validation_samples: int
@@ -360,7 +392,7 @@ def load_predictor(stem: str | Path, fingerprint: EnvironmentFingerprint | None 
         check_fingerprint(meta, fingerprint, force)
     weights, _ = predictor_paths(stem)
     features = WidthFeatures(len(meta.group_sizes), meta.n_layers, meta.resolutions)
-    net = LPNet(features, meta.hidden, meta.target)
+    net = LPNet(features, meta.hidden, meta.target, meta.members)
     try:
         state = load_file(str(weights))
         check_state(net, state)

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 
 from latency.device import EnvironmentFingerprint
-from latency.evaluation import LatencyData, baseline_predictions, both_spaces, build_data, lpnet_relative, split_keys
+from latency.evaluation import (
+    LatencyData,
+    baseline_predictions,
+    both_spaces,
+    build_data,
+    lpnet_relative,
+    noise_weights,
+    split_keys,
+)
 from latency.lpnet import (
     FitConfig,
     LPNet,
@@ -28,6 +36,10 @@ from latency.samples import LatencySample
 from latency.store import LatencyHome
 
 LEARNING_CURVE = (250, 500, 1000)
+SPACES = ("relative", "absolute_ms", "relative_clean")
+SPACE_TITLES = {"relative": "relative to the interleaved dense reference",
+                "absolute_ms": "absolute ms (relative x training median reference)",
+                "relative_clean": "relative, only labels whose IQR/median passed the 10% check"}
 ROWS = (("lpnet", "LPNet"), ("flops_linear", "FLOPs-linear"), ("lookup_table", "lookup table"),
         ("repeatability_floor", "repeatability floor"))
 
@@ -63,13 +75,15 @@ def targets(data: LatencyData, target: Target) -> torch.Tensor:
 
 def fit_on(features: WidthFeatures, train: LatencyData, target: Target,
            config: FitConfig | None = None) -> tuple[LPNet, dict]:
-    """LPNet fitted on `train`."""
+    """LPNet fitted on `train`, each label weighted by how quiet its measurement was."""
+    weights = torch.as_tensor(noise_weights(train.noise), dtype=torch.float32)
     return fit_lpnet(features, train.keep_ratios, train.res_index, targets(train, target),
-                     train.reference_by_resolution(), target, config)
+                     train.reference_by_resolution(), target, config, weights)
 
 
-def _prepare(home: LatencyHome, device: str, arch: str, resolutions: Sequence[int] | None,
-             fingerprint: EnvironmentFingerprint | None = None):
+def load_data(home: LatencyHome, device: str, arch: str, resolutions: Sequence[int] | None,
+              fingerprint: EnvironmentFingerprint | None = None):
+    """(samples of one environment, how many were left out, cost models by resolution, LatencyData)."""
     resolutions = sorted(resolutions) if resolutions else home.profiled_resolutions(device, arch)
     if not resolutions:
         raise PredictorError(f"no profile of {arch} on device {device!r}; run `latprune profile` first")
@@ -85,18 +99,23 @@ def _prepare(home: LatencyHome, device: str, arch: str, resolutions: Sequence[in
     return samples, dropped, models, data
 
 
+def split_by_keys(data: LatencyData, test_keys: Sequence[str]) -> tuple[LatencyData, LatencyData]:
+    """(training samples, held-out samples) of `data`."""
+    held = set(test_keys)
+    return (data.subset([i for i, k in enumerate(data.keys) if k not in held]),
+            data.subset([i for i, k in enumerate(data.keys) if k in held]))
+
+
 def fit_predictor(home: LatencyHome, device: str, arch: str, resolutions: Sequence[int] | None = None,
                   target: Target = "log_ratio", test_share: float = 0.2, seed: int = 0,
                   config: FitConfig | None = None) -> tuple[Path, PredictorMeta]:
     """Fit LPNet on the stored samples (a held-out share kept for evaluation) and save it in `home`."""
     spec = home.device(device)
-    samples, dropped, models, data = _prepare(home, device, arch, resolutions)
+    samples, dropped, models, data = load_data(home, device, arch, resolutions)
     if len(data) < 10:
         raise PredictorError(f"only {len(data)} distinct configurations profiled; fitting needs at least 10")
     test_keys = split_keys(data.keys, test_share, seed)
-    held = set(test_keys)
-    train = data.subset([i for i, k in enumerate(data.keys) if k not in held])
-    test = data.subset([i for i, k in enumerate(data.keys) if k in held])
+    train, test = split_by_keys(data, test_keys)
     features = WidthFeatures.from_cost_models([models[r] for r in data.resolutions], data.resolutions)
     started = time.perf_counter()
     net, info = fit_on(features, train, target, config or FitConfig(seed=seed))
@@ -105,7 +124,7 @@ def fit_predictor(home: LatencyHome, device: str, arch: str, resolutions: Sequen
     meta = PredictorMeta(
         arch=arch, device=spec, fingerprint=samples[0].fingerprint, resolutions=data.resolutions,
         group_sizes=[int(s) for s in features.group_sizes.tolist()], n_layers=int(features.a_out.shape[0]),
-        target=target, hidden=net.hidden, reference_ms=net.reference_ms.tolist(),
+        target=target, hidden=net.hidden, members=len(net.members), reference_ms=net.reference_ms.tolist(),
         training_samples=info["train_samples"], validation_samples=info["val_samples"], test_keys=test_keys,
         metrics=scores, fit_info=info, library_versions=library_versions())
     stem = home.predictor_stem(device, arch, data.resolutions)
@@ -122,10 +141,8 @@ def evaluate_predictor(home: LatencyHome, device: str, arch: str, resolution: in
     else:
         stem = home.find_predictor(device, arch, resolution)
     net, meta = load_predictor(stem)
-    samples, _, models, data = _prepare(home, device, arch, meta.resolutions, meta.fingerprint)
-    held = set(meta.test_keys)
-    train = data.subset([i for i, k in enumerate(data.keys) if k not in held])
-    test = data.subset([i for i, k in enumerate(data.keys) if k in held])
+    samples, _, models, data = load_data(home, device, arch, meta.resolutions, meta.fingerprint)
+    train, test = split_by_keys(data, meta.test_keys)
     if len(test) == 0:
         raise PredictorError("the predictor's held-out configurations are no longer in the profile")
     reference = net.reference_ms.tolist()
@@ -134,10 +151,10 @@ def evaluate_predictor(home: LatencyHome, device: str, arch: str, resolution: in
         rows[name] = both_spaces(predicted, test, reference)
     floor = repeatability(samples)
     if floor is not None:
-        rows["repeatability_floor"] = {k: floor[k] for k in ("relative", "absolute_ms") if k in floor}
+        rows["repeatability_floor"] = {k: floor[k] for k in SPACES if k in floor}
     curve = []
     features = WidthFeatures.from_cost_models([models[r] for r in data.resolutions], data.resolutions)
-    sizes = sorted({k for k in learning_curve if k < len(train)} | {len(train)})
+    sizes = sorted({k for k in learning_curve if k < len(train)} | ({len(train)} if learning_curve else set()))
     order = np.random.default_rng(0).permutation(len(train))
     for k in sizes:
         subset = train.subset(order[:k])
@@ -151,8 +168,9 @@ def evaluate_predictor(home: LatencyHome, device: str, arch: str, resolution: in
 def markdown_tables(report: dict) -> str:
     """The evaluation report as markdown tables (relative and absolute), then the learning curve."""
     lines = []
-    for space, title in (("relative", "relative to the interleaved dense reference"),
-                         ("absolute_ms", "absolute ms (relative x training median reference)")):
+    for space, title in SPACE_TITLES.items():
+        if "lpnet" not in report["predictors"] or space not in report["predictors"]["lpnet"]:
+            continue
         lines += [f"{report['arch']} @ {report['resolutions']} on {report['device']}, {title}; "
                   f"train {report['train_samples']}, test {report['test_samples']}:", "",
                   "| predictor | MAPE % | within 5% | within 10% | Spearman rho | n |", "|---|---|---|---|---|---|"]

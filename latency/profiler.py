@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 
 from latency.device import DeviceSpec, EnvironmentFingerprint, check_runnable, current_fingerprint
 from latency.sampler import config_key, sample_configs
-from latency.samples import LatencySample, SampleStore
+from latency.samples import LatencySample, SampleStore, best_measurements
 from latency.timing import (
     Clock,
     Measurement,
@@ -102,17 +103,15 @@ def make_runner(spec: DeviceSpec, target: ProfileTarget, keep_counts: Sequence[i
 
 
 def repeatability(samples: Sequence[LatencySample]) -> dict | None:
-    """Agreement of every repeat with the first measurement of its configuration (None without repeats).
+    """Agreement of every repeat with the (best) measurement of its configuration (None without repeats).
 
     Scored with the predictors' metrics (the repeat as the 'prediction' of the first measurement), so the
-    result is the floor no predictor can beat on this machine: {pairs, median_gap_s, relative, absolute_ms}.
+    result is the floor no predictor can beat on this machine: {pairs, median_gap_s, relative, absolute_ms,
+    relative_clean (pairs where neither measurement was flagged noisy)}.
     """
     from latency.evaluation import metrics
 
-    first = {}
-    for s in samples:
-        if not s.repeat and s.key not in first:
-            first[s.key] = s
+    first = best_measurements(samples)
     pairs = [(first[s.key], s) for s in samples
              if s.repeat and s.key in first and first[s.key].fingerprint == s.fingerprint]
     if not pairs:
@@ -122,6 +121,9 @@ def repeatability(samples: Sequence[LatencySample]) -> dict | None:
     with_ratio = [(a, b) for a, b in pairs if a.ratio and b.ratio]
     if with_ratio:
         out["relative"] = metrics([b.ratio for _, b in with_ratio], [a.ratio for a, _ in with_ratio])
+    clean = [(a, b) for a, b in with_ratio if not a.noisy and not b.noisy]
+    if len(clean) > 2:
+        out["relative_clean"] = metrics([b.ratio for _, b in clean], [a.ratio for a, _ in clean])
     return out
 
 
@@ -131,8 +133,9 @@ class ProfileResult:
 
     measured: int = 0
     skipped: int = 0
+    retried: int = 0
     repeats: int = 0
-    noisy: int = 0
+    noisy: int = 0  # configurations whose best measurement is still above the noise threshold
     elapsed_s: float = 0.0
     total_samples: int = 0
     repeatability: dict | None = None
@@ -153,11 +156,15 @@ def _sample(key: str, kind: str, target: ProfileTarget, counts: Sequence[int], m
 
 def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_samples: int, seed: int = 0,
             repeat_share: float = 0.05, plan: TimingPlan | None = None, progress: Progress | None = None,
-            should_cancel: Callable[[], bool] | None = None, clock: Clock = time.perf_counter) -> ProfileResult:
-    """Measure the first `n_samples` configurations not yet in `store`, then the repeatability repeats.
+            should_cancel: Callable[[], bool] | None = None, clock: Clock = time.perf_counter,
+            noisy_retries: int = 1) -> ProfileResult:
+    """Measure the first `n_samples` configurations not yet in `store`, retry the noisy ones, then repeat some.
 
-    Every sample is timed block-interleaved with the dense reference. A share `repeat_share` of the
-    configurations is measured a second time at the end (far apart in time from the first).
+    Every sample is timed block-interleaved with the dense reference. A configuration whose measurement
+    stayed noisy after the plan's attempts is measured again after the main pass (up to `noisy_retries`
+    more times over all runs): a busy spell of the machine has often passed by then. A share
+    `repeat_share` of the configurations is measured once more at the very end, far apart in time from
+    the first measurement, for the repeatability floor.
     """
     if not 0 <= repeat_share <= 1:
         raise ValueError(f"repeat share must be in [0, 1], got {repeat_share}")
@@ -165,38 +172,57 @@ def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_sampl
     started = time.perf_counter()
     fingerprint = current_fingerprint(spec)
     configs = sample_configs(target.group_sizes, n_samples, seed)
-    existing = [s for s in store.load() if s.fingerprint == fingerprint and target.matches(s)]
+    todo = [(config_key(c.keep_counts, target.resolution), c) for c in configs]
+
+    def stored() -> list[LatencySample]:
+        return [s for s in store.load() if s.fingerprint == fingerprint and target.matches(s)]
+
+    existing = stored()
     done = {s.key for s in existing if not s.repeat}
     repeated = {s.key for s in existing if s.repeat}
-    todo = [(config_key(c.keep_counts, target.resolution), c) for c in configs]
     pending = [(k, c) for k, c in todo if k not in done]
     n_repeats = math.ceil(repeat_share * len(configs)) if repeat_share > 0 else 0
     order = np.random.default_rng([seed, 7919]).permutation(len(todo))
     repeat_candidates = [todo[i] for i in order if todo[i][0] not in repeated]
     repeat_todo = repeat_candidates[:max(0, n_repeats - len(repeated & {k for k, _ in todo}))]
     result = ProfileResult(skipped=len(todo) - len(pending), total_samples=len(todo), fingerprint=fingerprint)
-    total = len(pending) + len(repeat_todo)
+    total, count = len(pending) + len(repeat_todo), 0
     if progress:
         progress(0, total, "measure")
     with tempfile.TemporaryDirectory(prefix="latprune-profile-") as tmp, torch_threads(spec.threads):
         workdir = Path(tmp)
         reference = make_runner(spec, target, target.group_sizes, workdir, "reference")
-        jobs = [(k, c, False) for k, c in pending] + [(k, c, True) for k, c in repeat_todo]
-        for done_count, (key, config, is_repeat) in enumerate(jobs, start=1):
+
+        def run_one(key: str, config, phase: str) -> None:
+            nonlocal count
             if should_cancel is not None and should_cancel():
-                raise ProfileCancelled(f"profile cancelled after {done_count - 1} of {total} measurements")
+                raise ProfileCancelled(f"profile cancelled after {count} of {total} measurements")
             run = make_runner(spec, target, config.keep_counts, workdir, "sample")
             m = measure(run, plan, clock, reference=reference)
             del run
-            store.append(_sample(key, config.kind, target, config.keep_counts, m, fingerprint, is_repeat))
-            if is_repeat:
-                result.repeats += 1
-            else:
-                result.measured += 1
-            result.noisy += int(m.noisy)
+            store.append(_sample(key, config.kind, target, config.keep_counts, m, fingerprint, phase == "repeat"))
+            count += 1
             if progress:
-                progress(done_count, total, "repeat" if is_repeat else "measure")
-    result.repeatability = repeatability([s for s in store.load()
-                                          if s.fingerprint == fingerprint and target.matches(s)])
+                progress(count, total, phase)
+
+        for key, config in pending:
+            run_one(key, config, "measure")
+            result.measured += 1
+        if noisy_retries > 0:
+            measured = stored()
+            best = best_measurements(measured)
+            tries = Counter(s.key for s in measured if not s.repeat)
+            retry = [(k, c) for k, c in todo if k in best and best[k].noisy and tries[k] <= noisy_retries]
+            total += len(retry)
+            for key, config in retry:
+                run_one(key, config, "retry")
+                result.retried += 1
+        for key, config in repeat_todo:
+            run_one(key, config, "repeat")
+            result.repeats += 1
+    final = stored()
+    keys = {k for k, _ in todo}
+    result.noisy = sum(1 for k, s in best_measurements(final).items() if k in keys and s.noisy)
+    result.repeatability = repeatability(final)
     result.elapsed_s = time.perf_counter() - started
     return result

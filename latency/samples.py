@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,6 +39,20 @@ class LatencySample(BaseModel):
     measured_at: float = Field(description="unix time")
     repeat: bool = Field(False, description="a re-measurement for the repeatability floor")
     fingerprint: EnvironmentFingerprint
+
+    @property
+    def noise(self) -> float:
+        """IQR/median of the sample or of its reference, whichever is larger."""
+        return max(self.iqr_ratio, self.reference_iqr_ratio or 0.0)
+
+
+def best_measurements(samples: Sequence[LatencySample]) -> dict[str, LatencySample]:
+    """Per configuration key, its least noisy measurement (repeats left out; ties: the earliest)."""
+    best: dict[str, LatencySample] = {}
+    for s in samples:
+        if not s.repeat and (s.key not in best or s.noise < best[s.key].noise):
+            best[s.key] = s
+    return best
 
 
 class SampleStore:

@@ -119,7 +119,8 @@ def profile(
                 except KeyboardInterrupt:
                     fail(f"interrupted; measured samples are kept in {store.path}, rerun to resume", 130)
             console.print(f"{arch}@{res}: measured {result.measured}, already there {result.skipped}, "
-                          f"repeats {result.repeats}, noisy {result.noisy}, {result.elapsed_s:.1f} s -> {store.path}",
+                          f"noisy retried {result.retried}, repeats {result.repeats}, still noisy {result.noisy}, "
+                          f"{result.elapsed_s:.1f} s -> {store.path}",
                           highlight=False)
             floor = result.repeatability
             if floor:
@@ -177,7 +178,7 @@ def predictor_eval(
     learning_curve: Annotated[bool, typer.Option(help="refit on 250/500/1000 samples")] = True,
 ) -> None:
     """Held-out metrics of LPNet vs FLOPs-linear vs lookup table, with the repeatability floor."""
-    from latency.predictors import LEARNING_CURVE, evaluate_predictor
+    from latency.predictors import LEARNING_CURVE, SPACE_TITLES, evaluate_predictor
 
     with one_line_errors():
         with console.status("evaluating"):
@@ -185,9 +186,9 @@ def predictor_eval(
                                         LEARNING_CURVE if learning_curve else ())
         head = f"{arch}@{report['resolutions']} on {device} (train {report['train_samples']}, " \
                f"test {report['test_samples']})"
-        console.print(_metrics_table(f"{head}: latency relative to the dense reference", report["predictors"],
-                                     "relative"))
-        console.print(_metrics_table(f"{head}: absolute ms", report["predictors"], "absolute_ms"))
+        for space, title in SPACE_TITLES.items():
+            if space in report["predictors"]["lpnet"]:
+                console.print(_metrics_table(f"{head}: {title}", report["predictors"], space))
         if report["learning_curve"]:
             curve = Table(title="LPNet learning curve (relative)")
             for col in ("train samples", "MAPE %", "within 10%", "Spearman rho"):

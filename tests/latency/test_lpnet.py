@@ -20,7 +20,7 @@ from latency.lpnet import (
 )
 from latency.sampler import sample_configs
 
-FAST = FitConfig(hidden=(32, 32), max_epochs=200, patience=40, batch_size=32)
+FAST = FitConfig(hidden=(32, 32), max_epochs=200, patience=40, batch_size=32, members=2)
 
 
 def synthetic(target, n=160, seed=0):
@@ -47,7 +47,8 @@ def meta_for(net, target, device_name="cpu1", threads=1):
     return PredictorMeta(arch=target.arch, device=spec, fingerprint=current_fingerprint(spec),
                          resolutions=[target.resolution], group_sizes=target.group_sizes,
                          n_layers=int(net.features.a_out.shape[0]), target=net.target, hidden=net.hidden,
-                         reference_ms=net.reference_ms.tolist(), training_samples=100, validation_samples=20)
+                         members=len(net.members), reference_ms=net.reference_ms.tolist(), training_samples=100,
+                         validation_samples=20)
 
 
 def test_fit_learns_held_out_latencies(fitted):
