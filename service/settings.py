@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     cancel_check_interval_s: float = Field(1.0, ge=0, description="least time between two cancel-flag reads")
     latency_tolerance: float = Field(0.10, ge=0, le=1, description="a subnet fits a latency budget up to "
                                      "this fraction over it (measurement noise)")
+    auto_profile_samples: int = Field(200, ge=10, description="configurations profiled when a latency job "
+                                      "finds no predictor for its device")
     prune_queue: str = "prune"
     api_url: str = Field("http://127.0.0.1:8000", description="where the client finds the API")
     api_key: str | None = Field(None, description="client key; else read from home/client.json")

@@ -20,10 +20,9 @@ def profile_queue(device_name: str) -> str:
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (broker URL, queue names, visibility timeout)."""
     app = Celery("latprune", broker=settings.broker_url, set_as_current=False, include=["workers.tasks"])
-    transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
-    if settings.is_embedded_broker:
-        # The database transport polls; half a second keeps the demo responsive without busy-looping.
-        transport_options["polling_interval"] = 0.5
+    # kombu's SQLAlchemy transport hands every transport option to create_engine() and has no visibility
+    # timeout (unacked messages are restored when the worker shuts down); Redis redelivers after it.
+    transport_options = {} if settings.is_embedded_broker else {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -1,0 +1,282 @@
+"""prune.run: one job from its database row to stored subnets and artifacts.
+
+Idempotent: a redelivered job resumes from its checkpoints (stable per job under the store's work/),
+artifacts go to fixed paths (unique per subnet and format), and rows are updated in place. Every start
+counts an attempt; a job whose worker keeps dying fails after `max_attempts` starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import session_factory
+from service.deps import Dispatcher
+from service.models import TERMINAL_STATES, Artifact, Device, Job, JobEvent, Model, Predictor, Subnet, utcnow
+from service.settings import Settings
+from service.storage import ArtifactStore
+from workers.celery_app import MEASURE_TASK, PROFILE_TASK
+from workers.progress import CancelFlag, JobProgress
+
+log = logging.getLogger(__name__)
+ARTIFACT_FILES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "arch": "arch.json"}
+AWAITING_PREDICTOR = "awaiting_predictor"
+MEASURING = "measuring"
+
+
+@dataclass
+class Started:
+    """What the job needs once it is marked running (read in the starting transaction)."""
+
+    job_id: int
+    tenant_id: int
+    request: dict[str, Any]
+    weights_path: str | None
+    device: Device | None
+    predictor: Predictor | None
+    resolution: int
+
+
+def job_work_dir(job_id: int) -> str:
+    """Store-relative directory of a job's checkpoints and outputs (stable across redeliveries)."""
+    return f"work/jobs/{job_id}"
+
+
+def job_resolution(request: dict[str, Any]) -> int:
+    """The input resolution the job trains at: asked for, else the dataset's own, else the engine default."""
+    from pruning.data import DEFAULT_RESOLUTION, parse_dataset_ref
+
+    return int(request.get("resolution") or parse_dataset_ref(request["dataset"]).resolution or DEFAULT_RESOLUTION)
+
+
+def finish(session: Session, job: Job, state: str, error: str | None = None) -> None:
+    """Put the job in a terminal state and record it as an event."""
+    job.state, job.finished_at = state, utcnow()
+    if error is not None:
+        job.error = error[:4000]
+    if state == "succeeded":
+        job.progress, job.stage = 1.0, None
+    session.add(JobEvent(job_id=job.id, kind="state", data={"state": state, "error": job.error}))
+
+
+def run_job(settings: Settings, job_id: int, dispatch: Dispatcher) -> str:
+    """Run the job's pipeline and persist its results; returns the job's state afterwards."""
+    sessions = session_factory(settings.database_url)
+    store = ArtifactStore(settings.artifact_dir)
+    follow_ups: list[tuple[str, list, str]] = []
+    with sessions.begin() as session:
+        started = _start(session, settings, job_id, follow_ups)
+        job = session.get(Job, job_id)
+        state = job.state if job is not None else "missing"
+    for task in follow_ups:
+        dispatch(*task)
+    if started is None:
+        return state
+    return _run(settings, sessions, store, started, dispatch)
+
+
+def _start(session: Session, settings: Settings, job_id: int, follow_ups: list) -> Started | None:
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.state in TERMINAL_STATES:
+        return None
+    if job.cancel_requested:
+        finish(session, job, "cancelled")
+        return None
+    request = dict(job.request)
+    try:
+        resolution = job_resolution(request)
+    except ValueError as exc:
+        finish(session, job, "failed", str(exc))
+        return None
+    device = predictor = None
+    if job.budget_kind == "latency_ms":
+        device = session.get(Device, job.budget_device_id) if job.budget_device_id else None
+        if device is None:
+            finish(session, job, "failed", "the latency budget's device was deleted")
+            return None
+        predictor, waiting_reason = _predictor_for(session, settings, device, job.arch, resolution, follow_ups)
+        if predictor is None:
+            if waiting_reason:
+                finish(session, job, "failed", waiting_reason)
+            else:
+                job.stage = AWAITING_PREDICTOR
+                session.add(JobEvent(job_id=job.id, kind="state", data={"state": "queued",
+                                                                        "stage": AWAITING_PREDICTOR}))
+            return None
+    job.attempts += 1
+    if job.attempts > settings.max_attempts:
+        finish(session, job, "failed", f"the worker running this job was lost {job.attempts - 1} times "
+                                       "(killed or out of memory); giving up")
+        return None
+    job.state, job.stage, job.error = "running", "starting", None
+    job.started_at = job.started_at or utcnow()
+    session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "attempt": job.attempts}))
+    weights_path = None
+    if job.model_id is not None:
+        model = session.get(Model, job.model_id)
+        if model is None:
+            finish(session, job, "failed", f"model {job.model_id} no longer exists")
+            return None
+        weights_path = model.path
+    return Started(job.id, job.tenant_id, request, weights_path, device, predictor, resolution)
+
+
+def _predictor_for(session: Session, settings: Settings, device: Device, arch: str, resolution: int,
+                   follow_ups: list) -> tuple[Predictor | None, str | None]:
+    """(ready predictor, None), or (None, None) while one is being fitted, or (None, reason) if it failed."""
+    rows = session.scalars(select(Predictor).where(Predictor.device_id == device.id, Predictor.arch == arch,
+                                                   Predictor.resolution == resolution)
+                           .order_by(Predictor.id.desc())).all()
+    ready = next((p for p in rows if p.state == "ready"), None)
+    if ready is not None:
+        return ready, None
+    if any(p.state in ("queued", "running") for p in rows):
+        return None, None
+    if rows and rows[0].state == "failed" and rows[0].samples_requested == settings.auto_profile_samples:
+        return None, f"profiling device {device.name!r} for {arch} at {resolution} px failed: {rows[0].error}"
+    predictor = Predictor(device_id=device.id, arch=arch, resolution=resolution,
+                          samples_requested=settings.auto_profile_samples, state="queued")
+    session.add(predictor)
+    session.flush()
+    follow_ups.append((PROFILE_TASK, [predictor.id], device.queue))
+    return None, None
+
+
+def _prune_request(settings: Settings, store: ArtifactStore, started: Started):  # noqa: ANN202
+    from pruning.pipeline import Budget, PruneRequest
+
+    r = started.request
+    budget = Budget(r["budget"]["kind"], float(r["budget"]["value"]),
+                    started.device.name if started.device is not None else None)
+    optional = {k: r[k] for k in ("batch_size", "lr") if r.get(k) is not None}
+    return PruneRequest(
+        arch=r["arch"], dataset=r["dataset"], method=r["method"], budget=budget, epochs=int(r["epochs"]),
+        finetune_epochs=r.get("finetune_epochs"), params=r.get("params") or {},
+        weights_path=store.resolve(started.weights_path) if started.weights_path else None,
+        resolution=r.get("resolution"), seed=int(r.get("seed") or 0), data_root=settings.data_root,
+        max_weights_bytes=settings.max_upload_bytes, **optional)
+
+
+def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactStore, started: Started,
+         dispatch: Dispatcher) -> str:
+    from pruning.train import Cancelled
+
+    work = store.resolve(job_work_dir(started.job_id))
+    try:
+        latency = None
+        if started.predictor is not None:
+            from workers.device_latency import load_device_latency
+
+            latency = load_device_latency(store, started.device, started.predictor)
+        from pruning.pipeline import run_prune
+
+        report = run_prune(
+            _prune_request(settings, store, started), work / "out",
+            progress=JobProgress(sessions, started.job_id, settings.progress_interval_s),
+            should_cancel=CancelFlag(sessions, started.job_id, settings.cancel_check_interval_s),
+            checkpoint_dir=work / "checkpoints", latency=latency)
+    except Cancelled:
+        return _end(sessions, store, started.job_id, "cancelled")
+    except ValueError as exc:
+        # The engine's input errors (dataset, weights, budget, architecture) are ValueErrors with a message.
+        return _end(sessions, store, started.job_id, "failed", str(exc))
+    except Exception as exc:
+        log.exception("job %s failed", started.job_id)
+        return _end(sessions, store, started.job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
+    try:
+        needs_measure = persist_results(sessions, store, started, report, work / "out")
+    except Exception as exc:
+        log.exception("storing the results of job %s failed", started.job_id)
+        return _end(sessions, store, started.job_id, "failed",
+                    f"internal error while storing results: {type(exc).__name__}: {exc}")
+    if needs_measure:
+        with sessions.begin() as session:
+            job = session.get(Job, started.job_id)
+            job.stage, job.report = MEASURING, report
+            session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "stage": MEASURING}))
+        dispatch(MEASURE_TASK, [started.job_id, started.device.id], started.device.queue)
+        return "running"
+    return _end(sessions, store, started.job_id, "succeeded", report=report)
+
+
+def _end(sessions: sessionmaker[Session], store: ArtifactStore, job_id: int, state: str, error: str | None = None,
+         report: dict | None = None) -> str:
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if report is not None:
+            job.report = report
+        finish(session, job, state, error)
+    store.delete_tree(job_work_dir(job_id))
+    return state
+
+
+def persist_results(sessions: sessionmaker[Session], store: ArtifactStore, started: Started, report: dict,
+                    out_dir: Path) -> bool:
+    """Store the subnet's files and rows (idempotently); True if the budget device must still re-measure it."""
+    member = 0
+    base = f"tenants/{started.tenant_id}/jobs/{started.job_id}/subnets/{member}"
+    stored = {fmt: store.put_file(out_dir / name, f"{base}/{name}") for fmt, name in ARTIFACT_FILES.items()}
+    arch_json = json.loads((out_dir / ARTIFACT_FILES["arch"]).read_text())
+    pruned = report["pruned"]
+    with sessions.begin() as session:
+        subnet = session.scalar(select(Subnet).where(Subnet.job_id == started.job_id, Subnet.member == member))
+        if subnet is None:
+            subnet = Subnet(job_id=started.job_id, member=member)
+            session.add(subnet)
+        subnet.arch_json, subnet.widths = arch_json, report.get("widths") or {}
+        subnet.resolution, subnet.macs, subnet.params = int(report["resolution"]), int(pruned["macs"]), \
+            int(pruned["params"])
+        subnet.accuracy = pruned.get("accuracy")
+        session.flush()
+        for fmt, file in stored.items():
+            row = session.scalar(select(Artifact).where(Artifact.subnet_id == subnet.id, Artifact.format == fmt))
+            if row is None:
+                row = Artifact(subnet_id=subnet.id, format=fmt)
+                session.add(row)
+            row.path, row.sha256, row.size_bytes = file.path, file.sha256, file.size_bytes
+        latency, needs_measure = _subnet_latency(session, store, started, report)
+        subnet.latency = latency
+    return needs_measure
+
+
+def _subnet_latency(session: Session, store: ArtifactStore, started: Started, report: dict) -> tuple[dict, bool]:
+    """{device id: {predicted_ms, measured_ms}} for the budget device and every device with a fitting predictor."""
+    from workers.device_latency import load_device_latency, predict_counts_ms
+
+    out: dict[str, dict] = {}
+    needs_measure = False
+    measured = (report.get("latency_ms") or {}).get("pruned") or {}
+    if started.device is not None:
+        out[str(started.device.id)] = {"predicted_ms": measured.get("predicted"),
+                                       "measured_ms": measured.get("measured")}
+        needs_measure = measured.get("measured") is None
+    devices = session.scalars(select(Device).where(Device.tenant_id == started.tenant_id)).all()
+    for device in devices:
+        if str(device.id) in out:
+            continue
+        predictor = session.scalar(select(Predictor).where(
+            Predictor.device_id == device.id, Predictor.arch == started.request["arch"],
+            Predictor.resolution == int(report["resolution"]), Predictor.state == "ready")
+            .order_by(Predictor.id.desc()))
+        if predictor is None:
+            continue
+        try:
+            predicted = predict_counts_ms(load_device_latency(store, device, predictor), report["keep_counts"])
+        except ValueError as exc:
+            log.warning("no prediction on device %s: %s", device.id, exc)
+            continue
+        if predicted is not None:
+            out[str(device.id)] = {"predicted_ms": predicted, "measured_ms": None}
+    return out, needs_measure
+
+
+def waiting_jobs(session: Session, device_id: int, arch: str) -> list[Job]:
+    """The queued jobs that wait for this device's predictor of `arch`."""
+    return list(session.scalars(select(Job).where(Job.budget_device_id == device_id, Job.arch == arch,
+                                                  Job.state == "queued", Job.stage == AWAITING_PREDICTOR)))
