@@ -190,9 +190,11 @@ def plan_cohort(request: PruneRequest, progress: Callable[[dict], None] | None =
 
 def run_cohort(request: PruneRequest, out_dir: str | Path, progress: Callable[[dict], None] | None = None,
                should_cancel: Callable[[], bool] | None = None, checkpoint_dir: str | Path | None = None,
-               latency_models: LatencyModels | None = None) -> dict:
+               latency_models: LatencyModels | None = None,
+               on_member: Callable[[dict, Path], None] | None = None) -> dict:
     """Run a cohort job; write out_dir/members/<id>/{model.onnx, model.safetensors, arch.json, member.json} and
-    out_dir/cohort.json; return the cohort report."""
+    out_dir/cohort.json; return the cohort report. `on_member(member, folder)` sees each member once it is on
+    disk (also members kept from an earlier run), e.g. to store it before the rest are done."""
     started = time.perf_counter()
     plan = plan_cohort(request, progress, should_cancel, checkpoint_dir, latency_models)
     ctx, params, data, budget = plan.ctx, plan.params, plan.data, request.budget
@@ -214,6 +216,8 @@ def run_cohort(request: PruneRequest, out_dir: str | Path, progress: Callable[[d
                                 dense_arch, out_dir, params.recalibration_batches, plan.device)
         member["latency_ms"] = _member_latency(member, latency_models, budget, graph.sizes, out_dir)
         members.append(member)
+        if on_member is not None:
+            on_member(member, member_dir(out_dir, spec.id))
         if emit:
             emit({"stage": "export", "member": spec.id, "accuracy": member["accuracy"],
                   "fraction": (position + 1) / len(ctx.members)})
@@ -314,9 +318,10 @@ def _member_latency(member: dict, latency_models: LatencyModels | None, budget: 
     device = budget.device if budget.kind == "latency_ms" else None
     if device is not None and device in latency:
         measured = (earlier.get(device) or {}).get("measured_ms")
-        if measured is None:
-            measured = float(latency_models[device](member["resolution"]).measure_ms(
-                str(out_dir / member["files"]["onnx"])))
+        model = latency_models[device](member["resolution"])
+        # A predict-only model (the worker is not that device) leaves measuring to the device's own queue.
+        if measured is None and callable(getattr(model, "measure_ms", None)):
+            measured = float(model.measure_ms(str(out_dir / member["files"]["onnx"])))
             _store_measurement(out_dir, member, device, measured)
         latency[device]["measured_ms"] = measured
     return latency

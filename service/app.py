@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
-from service import routes_devices, routes_jobs, routes_models, routes_results
+from service import routes_cohort, routes_devices, routes_jobs, routes_models, routes_results
 from service.db import session_factory
 from service.deps import AppState, Dispatcher, KeyDep, get_admin_key
 from service.engine_info import list_methods
@@ -159,6 +159,6 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
         """Pruning methods: name, description and the JSON schema of their params."""
         return list_methods()
 
-    for module in (routes_devices, routes_models, routes_jobs, routes_results):
+    for module in (routes_devices, routes_models, routes_jobs, routes_results, routes_cohort):
         app.include_router(module.router)
     return app
