@@ -1,9 +1,359 @@
-"""CLI verbs for the service part of latprune."""
+"""CLI verbs for the service: up, demo, submit, jobs, watch, download, cancel, admin, db."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from service.cli_engine import console, fail, one_line_errors, parse_params
+
+admin_app = typer.Typer(no_args_is_help=True, help="API keys and tenants.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _settings():  # noqa: ANN202
+    from service.settings import get_settings
+
+    return get_settings()
+
+
+def _client():  # noqa: ANN202
+    from service.client import Client
+
+    settings = _settings()
+    client = Client.from_settings(settings)
+    if "authorization" not in client.http.headers:
+        fail("no API key: set LATPRUNE_API_KEY, or start the stack with `latprune up` (it saves one)")
+    return client
+
+
+def _api_errors():  # noqa: ANN202
+    """one_line_errors plus the API's own messages and an unreachable server."""
+    import contextlib
+
+    import httpx
+
+    from service.client import ApiError
+
+    @contextlib.contextmanager
+    def guard():  # noqa: ANN202
+        with one_line_errors():
+            try:
+                yield
+            except ApiError as exc:
+                fail(f"the API answered {exc}")
+            except httpx.ConnectError as exc:
+                fail(f"cannot reach the API ({exc}); is `latprune up` running, and LATPRUNE_API_URL right?")
+
+    return guard()
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Option(help="target revision")] = "head") -> None:
+    """Create or migrate the database schema (LATPRUNE_DATABASE_URL, default SQLite in .latprune)."""
+    from service.migrate import current_revision, upgrade
+
+    with one_line_errors():
+        settings = _settings()
+        settings.ensure_dirs()
+        upgrade(settings.database_url, revision)
+        console.print(f"database at revision {current_revision(settings.database_url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's schema revision."""
+    from service.migrate import current_revision
+
+    with one_line_errors():
+        console.print(current_revision(_settings().database_url) or "empty (run `latprune db upgrade`)")
+
+
+@admin_app.command("create-key")
+def create_key_cmd(
+    tenant: Annotated[str, typer.Option(help="tenant name (created if new)")],
+    admin: Annotated[bool, typer.Option(help="may read /metrics")] = False,
+    name: Annotated[str, typer.Option(help="label of the key")] = "",
+) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    from service.auth import create_key
+    from service.db import session_scope
+
+    with one_line_errors():
+        with session_scope(_settings().database_url) as session:
+            key, _ = create_key(session, tenant, name=name, is_admin=admin)
+        console.print(key, highlight=False, soft_wrap=True)
+
+
+@admin_app.command("revoke-key")
+def revoke_key_cmd(prefix: Annotated[str, typer.Argument(help="the key's first 10 characters")]) -> None:
+    """Revoke a key by its prefix."""
+    from service.auth import revoke_key
+    from service.db import session_scope
+
+    with one_line_errors():
+        with session_scope(_settings().database_url) as session:
+            count = revoke_key(session, prefix)
+        if not count:
+            fail(f"no active key starts with {prefix!r}")
+        console.print(f"revoked {count} key(s)")
+
+
+def build_job(method: str, arch: str, dataset: str, budget: str, epochs: int, finetune_epochs: int | None,
+              params: dict, model_id: int | None, resolution: int | None, seed: int, batch_size: int | None,
+              client) -> dict:  # noqa: ANN001
+    """The POST /v1/jobs body; a latency budget's @DEVICE is resolved to the device's id."""
+    from pruning.budget import parse_budget
+
+    parsed = parse_budget(budget)
+    body_budget: dict = {"kind": parsed.kind, "value": parsed.value}
+    if parsed.device:
+        body_budget["device_id"] = client.find_device(parsed.device)["id"]
+    job = {"method": method, "arch": arch, "dataset": dataset, "budget": body_budget, "epochs": epochs,
+           "params": params, "seed": seed}
+    optional = {"finetune_epochs": finetune_epochs, "model_id": model_id, "resolution": resolution,
+                "batch_size": batch_size}
+    job.update({k: v for k, v in optional.items() if v is not None})
+    return job
+
+
+def submit(
+    arch: Annotated[str, typer.Option(help="architecture (resnet20, ..., torchvision names)")],
+    dataset: Annotated[str, typer.Option(help="builtin:digits, synthetic:10x32, imagefolder:PATH, torchvision:NAME")],
+    budget: Annotated[str, typer.Option(help="flops=0.5 | macs=2e7 | params=0.5 | latency_ms=3.5@DEVICE")],
+    method: Annotated[str, typer.Option(help="pruning method (see `latprune methods`)")] = "l1",
+    epochs: Annotated[int, typer.Option(min=0)] = 1,
+    finetune_epochs: Annotated[int | None, typer.Option(min=0)] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="method parameter key=value")] = None,
+    model_id: Annotated[int | None, typer.Option(help="uploaded dense weights (else trained from scratch)")] = None,
+    resolution: Annotated[int | None, typer.Option(min=8)] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="same key, same job")] = None,
+    watch_job: Annotated[bool, typer.Option("--watch", help="follow progress until the job ends")] = False,
+) -> None:
+    """Submit a pruning job to the API."""
+    with _api_errors():
+        client = _client()
+        job = build_job(method, arch, dataset, budget, epochs, finetune_epochs, parse_params(param or []),
+                        model_id, resolution, seed, batch_size, client)
+        created = client.submit(job, idempotency_key)
+        console.print(f"job {created['id']} {created['state']}")
+        if watch_job:
+            _follow(client, created["id"])
+
+
+def jobs(
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+) -> None:
+    """List your jobs, newest first."""
+    from rich.table import Table
+
+    with _api_errors():
+        page = _client().jobs(state=state, limit=limit)
+        table = Table(title=f"jobs ({page['total']} in all)")
+        for column in ("id", "state", "method", "arch", "dataset", "budget", "progress", "error"):
+            table.add_column(column)
+        for job in page["items"]:
+            b = job["budget"]
+            table.add_row(str(job["id"]), job["state"], job["method"], job["arch"], job["dataset"],
+                          f"{b['kind']}={b['value']:g}" + (f"@{b['device_id']}" if b["device_id"] else ""),
+                          f"{job['progress']:.0%}", (job["error"] or "")[:60])
+        console.print(table)
+
+
+def _follow(client, job_id: int) -> dict:  # noqa: ANN001
+    """Show a progress bar from the job's events; returns the final job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(f"job {job_id}", total=1.0)
+        for event in client.events(job_id):
+            data = event.data
+            if event.kind == "progress":
+                details = [data.get("stage") or ""]
+                if data.get("epoch"):
+                    details.append(f"epoch {data['epoch']}/{data.get('epochs') or '?'}")
+                if data.get("loss") is not None:
+                    details.append(f"loss {data['loss']:.3f}")
+                bar.update(task, completed=data.get("fraction") or 0.0,
+                           description=f"job {job_id} " + " ".join(d for d in details if d))
+            elif event.kind == "state":
+                bar.update(task, description=f"job {job_id} {data.get('stage') or data.get('state')}")
+        job = client.job(job_id)
+        if job["state"] == "succeeded":
+            bar.update(task, completed=1.0, description=f"job {job_id} succeeded")
+    return job
+
+
+def watch(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
+    """Follow a job's progress until it ends (exit 1 unless it succeeded)."""
+    with _api_errors():
+        client = _client()
+        job = _follow(client, job_id)
+        if job["state"] != "succeeded":
+            fail(f"job {job_id} {job['state']}" + (f": {job['error']}" if job["error"] else ""), 1)
+        console.print(f"job {job_id} succeeded; `latprune download {job_id} --device DEVICE` fetches the model")
+
+
+def download(
+    job_id: Annotated[int, typer.Argument(help="job id")],
+    device: Annotated[str, typer.Option(help="device id or name: the best subnet within its budget")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx, safetensors or arch")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="file or directory (default: the server's file name)")] = None,
+    latency_ms: Annotated[float | None, typer.Option(help="budget on the device instead of its default")] = None,
+) -> None:
+    """Download the checkpoint that suits a device (SHA-256 checked)."""
+    with _api_errors():
+        path, headers = _client().download(job_id, device, out, fmt, latency_ms)
+        latency = f", {headers['x-latency-ms']} ms on {device}" if "x-latency-ms" in headers else ""
+        console.print(f"{path} (subnet {headers.get('x-subnet-member')}{latency}, "
+                      f"sha256 {headers.get('x-checkpoint-sha256', '')[:16]}...)", highlight=False)
+
+
+def cancel(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
+    """Cancel a queued or running job."""
+    with _api_errors():
+        job = _client().cancel(job_id)
+        console.print(f"job {job_id} {job['state']}" + (" (stops at its next step)" if job["state"] == "running"
+                                                         else ""))
+
+
+def ensure_admin_key(settings) -> str | None:  # noqa: ANN001
+    """On first start: create the admin tenant's key, save it for the CLI and return it (else None)."""
+    from sqlalchemy import select
+
+    from service.auth import create_key
+    from service.client import save_client_config
+    from service.db import session_scope
+    from service.models import ApiKey
+
+    with session_scope(settings.database_url) as session:
+        if session.scalar(select(ApiKey.id).where(ApiKey.is_admin, ApiKey.revoked_at.is_(None)).limit(1)):
+            return None
+        key, _ = create_key(session, "admin", name="created by latprune up", is_admin=True)
+    save_client_config(settings.home, f"http://{settings.host}:{settings.port}", key)
+    return key
+
+
+def stack_env(settings) -> dict[str, str]:  # noqa: ANN001
+    """Environment that gives a child process exactly this stack's settings."""
+    return {**os.environ, "LATPRUNE_HOME": str(settings.home), "LATPRUNE_DATABASE_URL": settings.database_url,
+            "LATPRUNE_BROKER_URL": settings.broker_url, "LATPRUNE_ARTIFACT_DIR": str(settings.artifact_dir),
+            "LATPRUNE_DATA_ROOT": str(settings.data_root)}
+
+
+def start_worker(settings, log_path: Path) -> subprocess.Popen:  # noqa: ANN001
+    """One worker consuming the prune queue and every device's profile queue."""
+    env = {**stack_env(settings), "LATPRUNE_WORKER_ALL_DEVICE_QUEUES": "1"}
+    log = open(log_path, "a")  # noqa: SIM115 - lives as long as the worker
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+                             settings.prune_queue, "--concurrency", "1", "--without-gossip", "--without-mingle",
+                             "-l", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_api(settings, log_path: Path) -> subprocess.Popen:  # noqa: ANN001
+    """uvicorn serving service.app on the configured host and port."""
+    log = open(log_path, "a")  # noqa: SIM115 - lives as long as the server
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
+                             settings.host, "--port", str(settings.port), "--log-level", "warning"],
+                            env=stack_env(settings), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Block until GET /healthz answers 200; fail if the server exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail(f"the API exited with code {proc.returncode}; see its log")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    fail(f"the API did not answer on {url} within {timeout_s:.0f} s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate child processes (worker gets time to hand back its task)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def start_stack(settings) -> tuple[str, str | None, list[subprocess.Popen]]:  # noqa: ANN001
+    """Migrate, make the admin key on first start, start API and worker; returns (url, new key, processes)."""
+    from service.migrate import upgrade
+
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    key = ensure_admin_key(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    api = start_api(settings, logs / "api.log")
+    worker = start_worker(settings, logs / "worker.log")
+    try:
+        wait_healthy(url, api)
+    except (typer.Exit, KeyboardInterrupt):
+        stop([api, worker])
+        raise
+    return url, key, [api, worker]
+
+
+def up(
+    host: Annotated[str | None, typer.Option(help="bind address (LATPRUNE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (LATPRUNE_PORT)")] = None,
+) -> None:
+    """Run the whole stack on this machine: API + one worker, SQLite, embedded broker, local artifacts."""
+    with one_line_errors():
+        settings = _settings()
+        if host:
+            settings.host = host
+        if port:
+            settings.port = port
+        url, key, procs = start_stack(settings)
+        console.print(f"latprune API on {url} (docs: {url}/docs); state in {settings.home}")
+        if key:
+            console.print(f"admin API key (shown once; also saved for the CLI in "
+                          f"{settings.home / 'client.json'}):\n{key}", highlight=False, soft_wrap=True)
+        console.print("Ctrl-C stops it.")
+        try:
+            while all(p.poll() is None for p in procs):
+                time.sleep(1)
+            dead = next(p for p in procs if p.poll() is not None)
+            fail(f"{'API' if dead is procs[0] else 'worker'} exited with code {dead.returncode}; "
+                 f"see {settings.home / 'logs'}", 1)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            stop(procs)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command()(up)
+    app.command()(submit)
+    app.command()(jobs)
+    app.command()(watch)
+    app.command()(download)
+    app.command()(cancel)
+    app.add_typer(admin_app, name="admin")
+    app.add_typer(db_app, name="db")

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     auto_profile_samples: int = Field(200, ge=10, description="configurations profiled when a latency job "
                                       "finds no predictor for its device")
     prune_queue: str = "prune"
+    worker_all_device_queues: bool = Field(False, description="worker also consumes every device's profile "
+                                           "queue (the one-machine set-up of `latprune up`)")
     api_url: str = Field("http://127.0.0.1:8000", description="where the client finds the API")
     api_key: str | None = Field(None, description="client key; else read from home/client.json")
     host: str = "127.0.0.1"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+
+from celery import Celery, bootsteps
 from kombu import Queue
 
 from service.settings import Settings, get_settings
@@ -15,6 +17,46 @@ MEASURE_TASK = "profile.measure"
 def profile_queue(device_name: str) -> str:
     """The queue a device's own workers consume (profiling and re-measuring run on that hardware)."""
     return f"profile.{device_name}"
+
+
+class DeviceQueues(bootsteps.StartStopStep):
+    """Consumer step of the one-machine worker: also consume profile.<device> of every registered device.
+
+    Devices registered after the worker started are picked up within `SYNC_S` seconds.
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    SYNC_S = 3.0
+
+    def __init__(self, parent, **kwargs):  # noqa: ANN001
+        super().__init__(parent, **kwargs)
+        self.known: set[str] = set()
+        self.timer_ref = None
+
+    def start(self, consumer) -> None:  # noqa: ANN001
+        self.sync(consumer)
+        self.timer_ref = consumer.timer.call_repeatedly(self.SYNC_S, self.sync, (consumer,), priority=10)
+
+    def stop(self, consumer) -> None:  # noqa: ANN001
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+
+    def sync(self, consumer) -> None:  # noqa: ANN001
+        from sqlalchemy import select
+
+        from service.db import session_factory
+        from service.models import Device
+
+        try:
+            with session_factory(get_settings().database_url)() as session:
+                queues = set(session.scalars(select(Device.queue).distinct()))
+        except Exception:  # noqa: BLE001 - the database may not be migrated yet; try again later
+            logging.getLogger(__name__).warning("cannot list device queues yet", exc_info=True)
+            return
+        for queue in sorted(queues - self.known):
+            # The timer may run on its own thread; the broker channel must only be used from the consumer loop.
+            consumer.call_soon(consumer.add_task_queue, queue)
+            self.known.add(queue)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -42,6 +84,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
+    if settings.worker_all_device_queues:
+        app.steps["consumer"].add(DeviceQueues)
     return app
 
 

@@ -107,3 +107,40 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = (out / "good.safetensors").read_bytes()
     (out / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     return out
+
+
+@dataclass
+class Live:
+    url: str
+    settings: Settings
+    recorder: Recorder
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """The app served over real HTTP by uvicorn in a thread (SQLite), for the client and the CLI."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    home = tmp_path_factory.mktemp("live")
+    url = f"sqlite:///{home / 'latprune.db'}"
+    upgrade(url)
+    settings = Settings(home=home, database_url=url, broker_url="memory://")
+    recorder = Recorder()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, dispatch=recorder), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield Live(f"http://127.0.0.1:{port}", settings, recorder)
+    server.should_exit = True
+    thread.join(timeout=10)

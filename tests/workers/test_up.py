@@ -1,0 +1,67 @@
+"""`latprune up`: one command starts API + worker; a device registered afterwards gets profiled on its queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from service.client import Client, load_client_config
+from tests.workers.conftest import ROOT, wait_for
+
+LATPRUNE = str(Path(sys.executable).parent / "latprune")
+
+
+def _start_up(home: Path, port: int, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "LATPRUNE_HOME": str(home), "LATPRUNE_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    for name in ("LATPRUNE_DATABASE_URL", "LATPRUNE_BROKER_URL", "LATPRUNE_API_KEY", "LATPRUNE_API_URL"):
+        env.pop(name, None)
+    with open(out, "w") as log:
+        proc = subprocess.Popen([LATPRUNE, "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wait_for(lambda: "Ctrl-C" in out.read_text() or proc.poll() is not None, 90, "latprune up to start")
+    assert proc.poll() is None, out.read_text()
+    return proc
+
+
+def _stop(proc: subprocess.Popen, out: Path) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, out.read_text()[-2000:]
+
+
+def test_up_serves_and_profiles_new_devices(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "up.out"
+    proc = _start_up(tmp_path, port, out)
+    try:
+        text = out.read_text()
+        saved = load_client_config(tmp_path)
+        assert saved["url"] == f"http://127.0.0.1:{port}" and saved["api_key"] in text.replace("\n", "")
+        client = Client(saved["url"], saved["api_key"])
+        device = client.create_device(name="here")
+        predictor = client.profile(device["id"], "resnet20", 16, 12)
+
+        def finished():  # noqa: ANN202
+            rows = client.predictors(device["id"])
+            return rows[0]["state"] in ("ready", "failed") and rows[0]
+
+        done = wait_for(finished, 120, f"profiling on profile.here; worker log:\n"
+                                        f"{(tmp_path / 'logs' / 'worker.log').read_text()[-2000:]}")
+        assert done["id"] == predictor["id"] and done["state"] == "ready", done["error"]
+    finally:
+        _stop(proc, out)
+    assert "Started consuming from profile.here" in (tmp_path / "logs" / "worker.log").read_text()
+
+    # A second start keeps the database and the saved key, and prints no new key.
+    again = tmp_path / "up2.out"
+    proc = _start_up(tmp_path, port, again)
+    try:
+        assert "admin API key" not in again.read_text()
+        assert Client(saved["url"], saved["api_key"]).predictors(device["id"])[0]["state"] == "ready"
+    finally:
+        _stop(proc, again)
