@@ -175,12 +175,20 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
 
             latency = load_device_latency(store, started.device, started.predictor)
         from pruning.pipeline import run_prune
+        from pruning.registry import get_method
 
-        report = run_prune(
-            _prune_request(settings, store, started), work / "out",
-            progress=JobProgress(sessions, started.job_id, settings.progress_interval_s),
-            should_cancel=CancelFlag(sessions, started.job_id, settings.cancel_check_interval_s),
-            checkpoint_dir=work / "checkpoints", latency=latency)
+        request = _prune_request(settings, store, started)
+        progress = JobProgress(sessions, started.job_id, settings.progress_interval_s)
+        should_cancel = CancelFlag(sessions, started.job_id, settings.cancel_check_interval_s)
+        cohort = get_method(request.method).produces_cohort
+        if cohort:  # many subnets, each stored as soon as it is exported (workers.cohort_job)
+            from workers.cohort_job import run_cohort_job
+
+            report = run_cohort_job(sessions, store, started.tenant_id, started.job_id, request, work,
+                                    progress=progress, should_cancel=should_cancel)
+        else:
+            report = run_prune(request, work / "out", progress=progress, should_cancel=should_cancel,
+                               checkpoint_dir=work / "checkpoints", latency=latency)
     except Cancelled:
         return _end(sessions, store, started.job_id, "cancelled")
     except ValueError as exc:
@@ -190,7 +198,8 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
         log.exception("job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
     try:
-        needs_measure = persist_results(sessions, store, started, report, work / "out")
+        needs_measure = started.device is not None if cohort else persist_results(sessions, store, started, report,
+                                                                                   work / "out")
     except Exception as exc:
         log.exception("storing the results of job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed",

@@ -124,3 +124,29 @@ def test_device_predictors_explain_what_is_missing(world):
         predictors.model("cpu-a", 12)
     with pytest.raises(ValueError, match="cpu-b"):
         predictors.factories()["cpu-b"](16)
+
+
+def test_an_ofa_job_runs_end_to_end_in_the_worker(tmp_path):
+    from service.settings import Settings
+    from workers.prune_job import run_job
+
+    settings = Settings(home=tmp_path, broker_url="memory://", progress_interval_s=0)
+    upgrade(settings.database_url)
+    request = {"method": "ofa", "arch": "resnet20", "dataset": "synthetic:4x16", "epochs": 1, "finetune_epochs": 1,
+               "batch_size": 32, "params": PARAMS, "seed": 0, "budget": {"kind": "flops", "value": 0.5}}
+    with session_scope(settings.database_url) as s:
+        _, key = create_key(s, "worker-cohort")
+        job = Job(tenant_id=key.tenant_id, method="ofa", arch="resnet20", dataset="synthetic:4x16",
+                  budget_kind="flops", budget_value=0.5, epochs=1, params=PARAMS, request=request, request_hash="x")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    sent = []
+    assert run_job(settings, job_id, lambda *a: sent.append(a)) == "succeeded"
+    assert sent == []  # no budget device: nothing to re-measure
+    assert counts(settings.database_url) == (4, 12)
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert [m["id"] for m in job.report["members"]] == [0, 1, 2, 3] and job.progress == 1.0
+        assert {sub.resolution for sub in s.scalars(select(Subnet))} == {16, 12}
+    dispose_engines()
