@@ -11,9 +11,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 def _register() -> None:
     # Each verb module imports its heavy dependencies (torch, the DB) inside the commands,
     # so `latprune --help` and the API process stay light.
-    from service import cli_engine, cli_latency, cli_service
+    from service import cli_cohort, cli_engine, cli_latency, cli_service
 
-    for module in (cli_engine, cli_latency, cli_service):
+    for module in (cli_engine, cli_latency, cli_service, cli_cohort):
         module.register(app)
 
 
