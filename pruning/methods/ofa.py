@@ -338,8 +338,8 @@ def joint_train(ctx: OFAContext, structures: Sequence[Masks]) -> dict[str, Any]:
 def run(ctx: OFAContext) -> OFAResult:
     """Search the members' structures, train the shared weights jointly; resumable from ctx.checkpoint_dir."""
     if not isinstance(ctx, OFAContext):
-        raise ValueError("method ofa produces a cohort of subnets: run it with pruning.cohort.run_cohort "
-                         "(`latprune cohort run`), not as a single-subnet prune")
+        raise ValueError("method ofa produces a cohort of subnets: submit it as a job (the worker runs "
+                         "pruning.cohort.run_cohort), not as a single-subnet prune")
     ckpt = ctx.checkpoint_dir
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
