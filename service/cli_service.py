@@ -347,9 +347,120 @@ def up(
             stop(procs)
 
 
+DEMO_DEVICE = "this-cpu"
+DEMO_ARCH = "resnet20"
+
+
+def _running_stack(settings):  # noqa: ANN001, ANN202
+    """A client of an already running stack (`latprune up`) that answers with a saved key, else None."""
+    from service.client import Client, load_client_config
+
+    saved = load_client_config(settings.home)
+    if not saved.get("api_key"):
+        return None
+    client = Client(saved["url"], saved["api_key"])
+    try:
+        client.jobs(limit=1)
+    except Exception:  # noqa: BLE001 - not running, or a stale key: start our own stack
+        client.close()
+        return None
+    return client
+
+
+def _demo_predictor(client, device: dict, resolution: int, samples: int) -> dict:  # noqa: ANN001
+    """The device's ready predictor for the demo architecture, profiling it first if there is none."""
+    for predictor in reversed(client.predictors(device["id"])):
+        if (predictor["arch"], predictor["resolution"], predictor["state"]) == (DEMO_ARCH, resolution, "ready"):
+            console.print(f"reusing the latency predictor fitted on {predictor['samples_requested']} samples")
+            return predictor
+    predictor = client.profile(device["id"], DEMO_ARCH, resolution, samples)
+    started = time.monotonic()
+    with console.status(f"profiling {DEMO_ARCH} at {resolution} px on {device['name']} ({samples} width "
+                        "configurations, each timed against the dense model) and fitting LPNet") as status:
+        while predictor["state"] not in ("ready", "failed"):
+            time.sleep(2)
+            predictor = next(p for p in client.predictors(device["id"]) if p["id"] == predictor["id"])
+            status.update(f"profiling and fitting LPNet: {time.monotonic() - started:.0f} s")
+    if predictor["state"] == "failed":
+        fail(f"profiling failed: {predictor['error']}", 1)
+    test = (predictor["metrics"] or {}).get("test") or {}
+    scores = test.get("relative") or test.get("absolute_ms") or {}
+    summary = ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, int | float) and k != "n")
+    console.print(f"LPNet ready in {time.monotonic() - started:.0f} s"
+                  + (f" (held-out: {summary})" if summary else ""))
+    return predictor
+
+
+def _demo_table(report: dict, budget_ms: float, device_name: str):  # noqa: ANN202
+    from rich.table import Table
+
+    latency = report.get("latency_ms") or {}
+
+    def ms(which: str, kind: str) -> str:
+        value = (latency.get(which) or {}).get(kind)
+        return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+    table = Table(title=f"{report['arch']} on {report['dataset']}, budget {budget_ms:.3f} ms on {device_name}")
+    for column in ("model", "MACs", "params", "accuracy", "predicted ms", "measured ms"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for which in ("dense", "pruned"):
+        row = report[which]
+        table.add_row(which, f"{row['macs'] / 1e6:.2f} M", f"{row['params'] / 1e3:.1f} k", f"{row['accuracy']:.2%}",
+                      ms(which, "predicted"), ms(which, "measured"))
+    return table
+
+
+def demo(
+    samples: Annotated[int, typer.Option(min=10, help="width configurations to profile")] = 120,
+    epochs: Annotated[int, typer.Option(min=1, help="dense training epochs (and as many fine-tuning)")] = 5,
+    method: Annotated[str, typer.Option(help="pruning method")] = "l1",
+    share: Annotated[float, typer.Option(min=0.05, max=1.5, help="budget: this share of the dense latency")] = 0.5,
+    dataset: Annotated[str, typer.Option(help="dataset reference")] = "builtin:digits",
+    resolution: Annotated[int, typer.Option(min=8, help="input resolution (profiled and trained)")] = 32,
+    out: Annotated[Path, typer.Option(help="where the pruned ONNX goes")] = Path("out/demo"),
+) -> None:
+    """The main job end to end through the service: start the stack (or use a running one), register and profile
+    this machine, prune resnet20 on builtin:digits to half its measured latency, download the ONNX for it, and
+    compare dense and pruned."""
+    started = time.monotonic()
+    with _api_errors():
+        settings = _settings()
+        procs: list[subprocess.Popen] = []
+        client = _running_stack(settings)
+        if client is None:
+            url, _, procs = start_stack(settings)
+            client = _client()
+            console.print(f"started the stack on {url} (state in {settings.home})")
+        else:
+            console.print(f"using the stack already running on {client.http.base_url}")
+        try:
+            try:
+                device = client.find_device(DEMO_DEVICE)
+            except Exception:  # noqa: BLE001 - first run: register this machine
+                device = client.create_device(name=DEMO_DEVICE, runtime="onnxruntime", provider="cpu", threads=1,
+                                              batch=1)
+            predictor = _demo_predictor(client, device, resolution, samples)
+            budget_ms = share * predictor["reference_ms"]
+            console.print(f"dense {DEMO_ARCH} measures {predictor['reference_ms']:.3f} ms on {DEMO_DEVICE}; "
+                          f"budget {budget_ms:.3f} ms")
+            job = client.submit({"method": method, "arch": DEMO_ARCH, "dataset": dataset, "epochs": epochs,
+                                 "resolution": resolution,
+                                 "budget": {"kind": "latency_ms", "value": budget_ms, "device_id": device["id"]}})
+            job = _follow(client, job["id"])
+            if job["state"] != "succeeded":
+                fail(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""), 1)
+            out.mkdir(parents=True, exist_ok=True)
+            path, _ = client.download(job["id"], DEMO_DEVICE, out / "model.onnx", "onnx")
+            console.print(_demo_table(job["report"], budget_ms, DEMO_DEVICE))
+            console.print(f"pruned ONNX for {DEMO_DEVICE}: {path}   ({time.monotonic() - started:.0f} s in all)")
+        finally:
+            stop(procs)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     app.command()(up)
+    app.command()(demo)
     app.command()(submit)
     app.command()(jobs)
     app.command()(watch)

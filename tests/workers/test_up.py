@@ -65,3 +65,27 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
         assert Client(saved["url"], saved["api_key"]).predictors(device["id"])[0]["state"] == "ready"
     finally:
         _stop(proc, again)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    import onnxruntime as ort
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LATPRUNE_HOME": str(tmp_path / "home"), "LATPRUNE_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    for name in ("LATPRUNE_DATABASE_URL", "LATPRUNE_BROKER_URL", "LATPRUNE_API_KEY", "LATPRUNE_API_URL"):
+        env.pop(name, None)
+    # The real demo's flow on a tiny dataset; a budget above the dense latency keeps it robust to noise.
+    done = subprocess.run([LATPRUNE, "demo", "--dataset", "synthetic:4x16", "--resolution", "16", "--samples", "12",
+                           "--epochs", "1", "--share", "1.2", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "LPNet ready" in done.stdout and "pruned ONNX for this-cpu" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("│ dense", "│ pruned"))]
+    assert len(rows) == 2 and all(" ms" not in r and r.count("│") == 7 for r in rows)
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 16, 16]
+    with socket.socket() as s:  # the stack the demo started is gone
+        assert s.connect_ex(("127.0.0.1", port)) != 0
