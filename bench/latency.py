@@ -8,12 +8,18 @@ log(ms) to compare the two targets. Prints everything and writes the section "La
 docs/benchmarks.md (other sections are left as they are).
 """
 
+# ruff: noqa: E402  (imports follow the sys.path fix below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and `latency` would import this very file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import re
 import time
-from pathlib import Path
 
 import onnxruntime
 import torch
@@ -142,7 +148,7 @@ def main() -> None:
         arch, _, res = item.partition("@")
         cases.append(run_case(home, arch, int(res), args.samples))
     text = section(cases, args.samples)
-    console.print(text, highlight=False, markup=False)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
     if not args.no_write:
         write_section(text)
         console.print(f"wrote section {SECTION!r} of {DOC}", highlight=False)

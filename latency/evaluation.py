@@ -150,11 +150,6 @@ class LayerTable:
         return (design / self.scale) @ self.coef
 
 
-def noise_weights(noise: np.ndarray, scale: float = 0.2) -> np.ndarray:
-    """Training weight of a label from its measurement's IQR/median: ~1 below 10%, 0.5 at 20%, ~0 above 40%."""
-    return 1.0 / (1.0 + (np.asarray(noise) / scale) ** 4)
-
-
 def both_spaces(relative: np.ndarray, data: LatencyData, reference_ms: Sequence[float],
                 max_noise: float = 0.10) -> dict:
     """Metrics of relative predictions against measured ratios, and (x reference ms) against measured ms;
@@ -168,11 +163,9 @@ def both_spaces(relative: np.ndarray, data: LatencyData, reference_ms: Sequence[
 
 
 def baseline_predictions(train: LatencyData, test: LatencyData) -> dict[str, np.ndarray]:
-    """Relative-latency predictions on `test` of FLOPs-linear and the lookup table, fitted on `train` with
-    the same label weights as LPNet."""
-    weights = noise_weights(train.noise)
-    return {"flops_linear": FlopsLinear().fit(train, train.ratio, weights).predict(test),
-            "lookup_table": LayerTable().fit(train, train.ratio, weights).predict(test)}
+    """Relative-latency predictions on `test` of FLOPs-linear and the lookup table, fitted on `train`."""
+    return {"flops_linear": FlopsLinear().fit(train, train.ratio).predict(test),
+            "lookup_table": LayerTable().fit(train, train.ratio).predict(test)}
 
 
 def lpnet_relative(net, data: LatencyData) -> np.ndarray:

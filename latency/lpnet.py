@@ -223,7 +223,9 @@ def fit_lpnet(features: WidthFeatures, keep_ratios: torch.Tensor, res_index: tor
 
     config = config or FitConfig()
     weights = torch.ones(len(keep_ratios)) if sample_weights is None else sample_weights.float()
-    with torch_threads(config.threads):
+    # fork_rng: seeding the initialisation must not reseed the caller's global generator.
+    with torch_threads(config.threads), torch.random.fork_rng():
+        torch.manual_seed(config.seed)
         return _fit(features, keep_ratios, res_index, target_values, reference_ms, target, config, weights)
 
 
@@ -238,7 +240,6 @@ def _fit(features: WidthFeatures, keep_ratios: torch.Tensor, res_index: torch.Te
     n = len(keep_ratios)
     if n < 4:
         raise PredictorError(f"fitting needs at least 4 samples, got {n}")
-    torch.manual_seed(config.seed)
     net = LPNet(features, config.hidden, target, config.members)
     y = target_values.float()
     with torch.no_grad():

@@ -16,7 +16,6 @@ from latency.evaluation import (
     both_spaces,
     build_data,
     lpnet_relative,
-    noise_weights,
     split_keys,
 )
 from latency.lpnet import (
@@ -75,10 +74,9 @@ def targets(data: LatencyData, target: Target) -> torch.Tensor:
 
 def fit_on(features: WidthFeatures, train: LatencyData, target: Target,
            config: FitConfig | None = None) -> tuple[LPNet, dict]:
-    """LPNet fitted on `train`, each label weighted by how quiet its measurement was."""
-    weights = torch.as_tensor(noise_weights(train.noise), dtype=torch.float32)
+    """LPNet fitted on `train`."""
     return fit_lpnet(features, train.keep_ratios, train.res_index, targets(train, target),
-                     train.reference_by_resolution(), target, config, weights)
+                     train.reference_by_resolution(), target, config)
 
 
 def load_data(home: LatencyHome, device: str, arch: str, resolutions: Sequence[int] | None,

@@ -148,8 +148,9 @@ def _sample(key: str, kind: str, target: ProfileTarget, counts: Sequence[int], m
     return LatencySample(
         key=key, kind=kind, arch=target.arch, resolution=target.resolution, num_classes=target.num_classes,
         in_channels=target.in_channels, keep_counts=list(counts),
-        latency_ms=m.sample.median_ms, iqr_ratio=m.sample.iqr_ratio,
+        latency_ms=m.sample.median_ms, iqr_ratio=m.sample.iqr_ratio, latency_p10_ms=m.sample.p10_ms,
         reference_ms=ref.median_ms if ref else None, reference_iqr_ratio=ref.iqr_ratio if ref else None,
+        reference_p10_ms=ref.p10_ms if ref else None,
         ratio=m.ratio, attempts=m.attempts, noisy=m.noisy, runs=m.sample.runs, measured_at=time.time(),
         repeat=repeat, fingerprint=fingerprint)
 
@@ -157,12 +158,13 @@ def _sample(key: str, kind: str, target: ProfileTarget, counts: Sequence[int], m
 def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_samples: int, seed: int = 0,
             repeat_share: float = 0.05, plan: TimingPlan | None = None, progress: Progress | None = None,
             should_cancel: Callable[[], bool] | None = None, clock: Clock = time.perf_counter,
-            noisy_retries: int = 1) -> ProfileResult:
+            noisy_retries: int = 0) -> ProfileResult:
     """Measure the first `n_samples` configurations not yet in `store`, retry the noisy ones, then repeat some.
 
-    Every sample is timed block-interleaved with the dense reference. A configuration whose measurement
-    stayed noisy after the plan's attempts is measured again after the main pass (up to `noisy_retries`
-    more times over all runs): a busy spell of the machine has often passed by then. A share
+    Every sample is timed block-interleaved with the dense reference. With `noisy_retries` > 0, a
+    configuration whose measurement stayed noisy after the plan's attempts is measured again after the
+    main pass (up to that many more times over all runs): a busy spell has often passed by then. It
+    costs time and improves the median-ms label only; the reference ratio is robust without it. A share
     `repeat_share` of the configurations is measured once more at the very end, far apart in time from
     the first measurement, for the repeatability floor.
     """

@@ -32,7 +32,9 @@ class LatencySample(BaseModel):
     iqr_ratio: float = Field(ge=0)
     reference_ms: float | None = None
     reference_iqr_ratio: float | None = None
-    ratio: float | None = Field(None, description="median over blocks of sample/reference block medians")
+    latency_p10_ms: float | None = Field(None, description="10th percentile of the timed runs")
+    reference_p10_ms: float | None = None
+    ratio: float | None = Field(None, description="sample / reference, 10th percentiles of interleaved runs")
     attempts: int = 1
     noisy: bool = False
     runs: int

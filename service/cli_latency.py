@@ -81,6 +81,8 @@ def profile(
     = 0.05,
     num_classes: Annotated[int, typer.Option(min=1, help="classifier outputs of the profiled model")] = 10,
     in_channels: Annotated[int, typer.Option(min=1, help="input channels")] = 3,
+    noisy_retries: Annotated[int, typer.Option(min=0, help="re-measure still-noisy configurations after the "
+                                               "main pass this many times (improves the ms labels)")] = 0,
 ) -> None:
     """Measure sampled width configurations of ARCH on DEVICE (resumable: measured ones are skipped)."""
     from rich.progress import (
@@ -115,7 +117,8 @@ def profile(
                     bar.update(task, completed=done, total=total, description=f"{arch}@{res} {phase}")
 
                 try:
-                    result = run_profile(spec, target, store, samples, seed, repeat_share, progress=on_progress)
+                    result = run_profile(spec, target, store, samples, seed, repeat_share, progress=on_progress,
+                                         noisy_retries=noisy_retries)
                 except KeyboardInterrupt:
                     fail(f"interrupted; measured samples are kept in {store.path}, rerun to resume", 130)
             console.print(f"{arch}@{res}: measured {result.measured}, already there {result.skipped}, "

@@ -68,8 +68,8 @@ def test_cancel_keeps_what_was_measured(tmp_path, tiny_target, cpu_device):
 def test_noisy_configurations_are_retried_once_after_the_main_pass(tmp_path, tiny_target, cpu_device):
     store = SampleStore(tmp_path / "p.jsonl")
     always_noisy = TimingPlan(warmup_runs=0, blocks=2, runs_per_block=3, max_noise=1e-12, max_attempts=1)
-    result = profile(cpu_device, tiny_target, store, 3, repeat_share=0.0, plan=always_noisy)
+    result = profile(cpu_device, tiny_target, store, 3, repeat_share=0.0, plan=always_noisy, noisy_retries=1)
     assert (result.measured, result.retried, result.noisy) == (3, 3, 3)
     assert [s.key for s in store.load()[3:]] == [s.key for s in store.load()[:3]]
-    again = profile(cpu_device, tiny_target, store, 3, repeat_share=0.0, plan=always_noisy)
+    again = profile(cpu_device, tiny_target, store, 3, repeat_share=0.0, plan=always_noisy, noisy_retries=1)
     assert (again.measured, again.retried) == (0, 0)  # the retry budget is spent

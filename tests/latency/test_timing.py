@@ -84,3 +84,17 @@ def test_summary_and_plan_validation():
     assert t.block_medians_ms == pytest.approx([1.5, 3.5])
     with pytest.raises(ValueError):
         TimingPlan(blocks=0)
+
+
+def test_ratio_ignores_contention_spikes():
+    # Every third run of both models is hit by another process; the fast runs still give the true 1:2.
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=0, blocks=4, runs_per_block=9, max_noise=10.0, max_attempts=1)
+
+    def spiky(base):
+        calls = itertools.count()
+        return lambda: setattr(clock, "now", clock.now + base * (5.0 if next(calls) % 3 == 0 else 1.0))
+
+    m = measure(spiky(0.001), plan, clock, reference=spiky(0.002))
+    assert m.ratio == pytest.approx(0.5)
+    assert m.sample.iqr_ratio > 0.10  # the spikes do show in the spread
