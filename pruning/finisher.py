@@ -4,18 +4,76 @@ and the latency loop that re-measures the materialized model on the device and t
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from pruning.budget import BudgetCost, BudgetError, normalized_scores, trim_to_budget
-from pruning.surgery import masks_from_counts
+from pruning.budget import BudgetCost, BudgetError, LatencyPredictor, normalized_scores, trim_to_budget
+from pruning.groups import ChannelGraph
+from pruning.surgery import export_onnx, masks_from_counts, materialize
 
 Masks = list[torch.Tensor]
 Fits = Callable[[list[int]], bool]
+
+
+def measure_model_ms(model: nn.Module, input_shape: Sequence[int], latency: LatencyPredictor,
+                     describe: Callable[[nn.Module], dict] | None = None) -> float:
+    """Measured latency (ms) of `model` on the latency device: exported to ONNX at the device's batch size, with
+    arch.json (`describe`: model -> arch.json) next to it for devices that rebuild the model from it."""
+    from pruning import zoo
+
+    batch = int(getattr(getattr(latency, "spec", None), "batch", 1) or 1)
+    shape = (batch, *tuple(input_shape)[1:])
+    with tempfile.TemporaryDirectory(prefix="latprune-measure-") as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", shape)
+        if describe is not None:
+            zoo.save_arch(describe(model), Path(tmp) / "arch.json")
+        if "model" in inspect.signature(latency.measure_ms).parameters:
+            return float(latency.measure_ms(str(path), model=model))
+        return float(latency.measure_ms(str(path)))
+
+
+class DeviceMeter:
+    """Latency of candidate models relative to the dense model timed just before and after each of them.
+
+    On a shared machine the absolute speed drifts between measurements; the ratio to the dense model measured
+    around the candidate does not, so a candidate's ms = its ratio x `reference_ms` (the dense latency the
+    predictor was fitted against, else the dense model's first measurement here).
+    """
+
+    def __init__(self, latency: LatencyPredictor, dense: nn.Module, input_shape: Sequence[int],
+                 describe: Callable[[nn.Module], dict] | None = None, reference_ms: float | None = None):
+        self.latency = latency
+        self.input_shape = tuple(input_shape)
+        self.describe = describe
+        self.dense = copy.deepcopy(dense).cpu().eval()
+        self.reference_ms = float(reference_ms if reference_ms is not None
+                                  else getattr(latency, "reference_ms", None) or self.dense_ms())
+
+    def dense_ms(self) -> float:
+        """The dense model's latency right now."""
+        return measure_model_ms(self.dense, self.input_shape, self.latency, self.describe)
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own measurement, 'ratio': to the dense model}."""
+        before = self.dense_ms()
+        raw = measure_model_ms(model, self.input_shape, self.latency, self.describe)
+        after = self.dense_ms()
+        ratio = raw / max(0.5 * (before + after), 1e-12)
+        return {"ms": ratio * self.reference_ms, "raw_ms": raw, "ratio": ratio}
+
+    def measure_masks(self, model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
+                      scales: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:
+        """measure() of `model` materialized with `keep_masks`."""
+        return self.measure(materialize(model, graph, keep_masks, scales).eval())
 
 
 def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
@@ -189,6 +247,9 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
         # The device runs this configuration measured/predicted times slower than LPNet says: aim the
         # predicted cost where the measured one should land on the target.
         scaled = predicted * target / measured
+        if over:
+            # Never below the smallest configuration (one channel per group): trim to it and measure that.
+            scaled = max(scaled, budget.hard([1] * len(sizes)) * (1 + 1e-6))
 
         def fits_scaled(counts: list[int], limit: float = scaled) -> bool:
             return budget.hard(counts) <= limit

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from pruning import zoo
 from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
-from pruning.finisher import fit_measured_latency, round_masks, trim_masks
+from pruning.finisher import DeviceMeter, fit_measured_latency, round_masks, trim_masks
 from pruning.groups import ChannelGraph
 from pruning.methods.context import MethodContext
 from pruning.registry import get_method, load_runner
@@ -134,8 +133,9 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         round_to = int(result.info.get("finisher_round_to", 1))
         latency_fit = None
         if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+            meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
             latency_fit = fit_measured_latency(
-                budget_cost, result.scores, masks, _measurer(result, graph, dense_arch, input_shape, latency),
+                budget_cost, result.scores, masks, _measurer(result, graph, meter),
                 graph.sizes, request.latency_tolerance, request.latency_rounds, normalize, round_to)
             masks = latency_fit.keep_masks
         elif round_to > 1:
@@ -194,6 +194,9 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                        "measured": latency.measure_ms(str(out_dir / "model.onnx"))},
         }
         (out_dir / "dense.onnx").unlink()
+        if request.budget.kind == "latency_ms" and hasattr(latency, "measure_ms"):
+            final = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch)).measure(pruned)
+            report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"])
         if "latency_fit" in prune_info:
             fit = prune_info["latency_fit"]
             report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"], rounds=fit["rounds"],
@@ -208,14 +211,10 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
     return report
 
 
-def _measurer(result, graph: ChannelGraph, dense_arch: dict, input_shape: tuple[int, ...],
-              latency: LatencyPredictor) -> Callable[[list[torch.Tensor]], float]:
-    """masks -> measured ms of the materialized model on the latency device (ONNX + arch.json in a temp dir)."""
+def _measurer(result, graph: ChannelGraph, meter: DeviceMeter) -> Callable[[list[torch.Tensor]], float]:
+    """masks -> drift-corrected ms of the materialized model on the latency device."""
     def measure(masks: list[torch.Tensor]) -> float:
-        candidate = materialize(result.model, graph, masks, result.scales)
-        with tempfile.TemporaryDirectory(prefix="latprune-measure-") as tmp:
-            zoo.save_arch(_describe(candidate, dense_arch), Path(tmp) / "arch.json")
-            return float(latency.measure_ms(str(export_onnx(candidate, Path(tmp) / "model.onnx", input_shape))))
+        return meter.measure_masks(result.model, graph, masks, result.scales)["ms"]
 
     return measure
 

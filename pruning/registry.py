@@ -44,6 +44,19 @@ class WGatesParams(MethodParams):
                                                              "term (0: gates start in random order)")
     anneal_share: float = Field(0.5, ge=0, le=1, description="share of the training steps over which the gates' "
                                                                "target falls from the dense cost to the budget")
+    min_keep: float = Field(0.1, ge=0, le=1, description="share of a group's channels the gates keep open (the "
+                                                        "best-scoring ones); the finisher may still go below")
+    residual_min_keep: float = Field(0.5, ge=0, le=1, description="the same for residual streams (channels summed "
+                                                                  "by skip connections)")
+    range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
+                                                       "straight-through window [-1, 1] (0: off)")
+    two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "
+                                              "gates settle at the budget instead of below it")
+    settle_tolerance: float = Field(0.02, ge=0, le=0.5, description="relative distance to the target within "
+                                                                    "which the penalty weight decays while settling")
+    latency_checks: int = Field(2, ge=0, le=20, description="latency budgets: times the gates' configuration is "
+                                                           "measured on the device during training, from the end "
+                                                           "of the annealing on, to correct LPNet's bias")
     target_margin: float = Field(0.0, ge=0, lt=0.5, description="aim the gates this fraction under the target")
     device_rounding: bool = Field(True, description="with round_to=1, let the finisher round kept channels to "
                                                     "the latency device's channel_multiple if that measures faster")

@@ -4,11 +4,14 @@ against a differentiable cost (the device's LPNet latency, or MACs/params) with 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from pruning.finisher import DeviceMeter
 from pruning.groups import ChannelGraph, ChannelGroup
 from pruning.methods.context import MethodContext, MethodResult
 from pruning.train import train
@@ -19,7 +22,30 @@ def binary_gate(scores: torch.Tensor) -> torch.Tensor:
     hard = (scores >= 0).to(scores.dtype)
     window = (scores.detach().abs() <= 1).to(scores.dtype)
     passed = scores * window
-    return hard + passed - passed.detach()
+    # (passed - passed.detach()) is exactly 0 in value, so the forward gate is exactly 0 or 1.
+    return hard + (passed - passed.detach())
+
+
+def floor_count(size: int, min_keep: float) -> int:
+    """Channels of a group that stay open whatever their scores: at least one, at least `min_keep` of them."""
+    return max(1, math.ceil(min_keep * size - 1e-9))
+
+
+def held_open(scores: torch.Tensor, floor: int) -> torch.Tensor:
+    """Channels below the threshold that the floor keeps open: the best-scoring ones, up to `floor` open."""
+    held = torch.zeros_like(scores, dtype=torch.bool)
+    held[torch.topk(scores.detach(), max(1, floor)).indices] = True
+    return held & (scores.detach() < 0)
+
+
+def floored_gate(scores: torch.Tensor, floor: int = 1) -> torch.Tensor:
+    """binary_gate, with the best-scoring `floor` channels held open (the straight-through gradient still flows)."""
+    return binary_gate(scores) + held_open(scores, floor).to(scores.dtype)
+
+
+def is_residual(model: nn.Module, group: ChannelGroup) -> bool:
+    """Whether several layers produce the group's channels (a residual stream summed by skip connections)."""
+    return len(producer_layers(model, group)) > 1
 
 
 def producer_layers(model: nn.Module, group: ChannelGroup) -> list[nn.Module]:
@@ -62,20 +88,44 @@ class GatedNetwork(nn.Module):
     """The model with every group's channels multiplied by its live weight-dependent gates (after the BN)."""
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, hidden: int = 32, init_score: float = 0.5,
-                 lambda_init: float = 1.0, norm_weight: float = 1.0):
+                 lambda_init: float = 1.0, norm_weight: float = 1.0, floors: Sequence[int] | None = None):
         super().__init__()
         self.model = model
+        self.floors = list(floors) if floors is not None else [1] * len(graph.groups)
         self.groups = list(graph.groups)
         self.gates = nn.ModuleList(
             FilterGate(filter_vectors(model, g).shape[1], hidden, init_score, norm_weight) for g in self.groups)
         # Buffers, so that training checkpoints carry the adaptive penalty weight and the schedule's position.
         self.register_buffer("penalty_weight", torch.tensor(float(lambda_init)))
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.long))
+        # Measured / predicted latency of the gates' configuration at the last on-device check (1: none yet).
+        self.register_buffer("latency_correction", torch.tensor(1.0))
         self.current: list[torch.Tensor] = []
-        self._handles = []
+        self.last_scores: list[torch.Tensor] = []
+        self._handles: list = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook the gates onto every group's scale layers."""
         for index, group in enumerate(self.groups):
             for name in group.scale_layers:
-                self._handles.append(model.get_submodule(name).register_forward_hook(self._gate_hook(index)))
+                layer = self.model.get_submodule(name)
+                self._handles.append(layer.register_forward_hook(self._gate_hook(index)))
+
+    def detach(self) -> None:
+        """Remove the gates' hooks (the bare model computes as if every gate were open)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def bare(self) -> Iterator[nn.Module]:
+        """The model without its gate hooks for a moment (to copy or export it)."""
+        self.detach()
+        try:
+            yield self.model
+        finally:
+            self.attach()
 
     def _gate_hook(self, index: int) -> Callable:
         def hook(_module, _inputs, output):
@@ -88,7 +138,8 @@ class GatedNetwork(nn.Module):
         return [gate(filter_vectors(self.model, group)) for gate, group in zip(self.gates, self.groups, strict=True)]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        self.current = [binary_gate(s) for s in self.scores()]
+        self.last_scores = self.scores()
+        self.current = [floored_gate(s, f) for s, f in zip(self.last_scores, self.floors, strict=True)]
         return self.model(inputs)
 
     def keep_counts(self) -> torch.Tensor:
@@ -100,22 +151,35 @@ class GatedNetwork(nn.Module):
 
     def remove(self) -> nn.Module:
         """Detach the gates' hooks and return the bare model (the gate modules are discarded)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.detach()
         self.current = []
+        self.last_scores = []
         return self.model
 
 
-def final_masks(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Open gates (s >= 0) of every group, keeping at least the best channel of a fully closed group."""
-    masks = []
-    for s in scores:
-        mask = s >= 0
-        if not bool(mask.any()):
-            mask[int(torch.argmax(s))] = True
-        masks.append(mask)
-    return masks
+def final_masks(scores: Sequence[torch.Tensor], floors: Sequence[int]) -> list[torch.Tensor]:
+    """Open gates (s >= 0) of every group, with its best `floors[g]` channels always kept."""
+    return [floored_gate(s.detach(), f) > 0 for s, f in zip(scores, floors, strict=True)]
+
+
+def finisher_scores(scores: Sequence[torch.Tensor], floors: Sequence[int]) -> list[torch.Tensor]:
+    """Gate scores for the finisher's global ranking: channels held open by a floor rank above all others (in
+    their own order), so the finisher goes below a floor only after trimming every other open channel."""
+    out = []
+    for s, f in zip(scores, floors, strict=True):
+        s = s.detach().float()
+        out.append(torch.where(held_open(s, f), 2.0 + s, s))
+    return out
+
+
+def latency_check_steps(anneal_steps: int, total_steps: int, checks: int) -> set[int]:
+    """Steps after which the gates' configuration is measured on the device: spread from the end of the
+    annealing to the last step, which is never one (the finisher measures the final model anyway)."""
+    if checks <= 0 or total_steps < 2:
+        return set()
+    last = total_steps - 1
+    first = min(anneal_steps, last)
+    return {round(first + (last - first) * i / checks) for i in range(checks)}
 
 
 def device_multiple(ctx: MethodContext) -> int:
@@ -132,36 +196,75 @@ def run(ctx: MethodContext) -> MethodResult:
     """Train weight-dependent gates and the weights against task loss + lambda * max(0, cost/target - 1)."""
     p = ctx.params
     model = ctx.model
-    gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight)
+    floors = [floor_count(g.size, p.residual_min_keep if is_residual(model, g) else p.min_keep)
+              for g in ctx.graph.groups]
+    gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     budget = ctx.budget
-    final_target = budget.target * (1.0 - p.target_margin)
     dense_cost = budget.dense()
-    anneal_steps = max(1, int(p.anneal_share * ctx.epochs * len(ctx.train_loader)))
-    history: dict[str, list[float]] = {"cost": [], "penalty_weight": []}
-    last: dict[str, float] = {"cost": float("nan"), "target": final_target}
+    total_steps = ctx.epochs * len(ctx.train_loader)
+    anneal_steps = max(1, int(p.anneal_share * total_steps))
+    latency = budget.latency if budget.budget.kind == "latency_ms" else None
+    check_steps = latency_check_steps(anneal_steps, total_steps, p.latency_checks if latency is not None else 0)
+    history: dict[str, list] = {"cost": [], "penalty_weight": [], "latency_checks": []}
+    last: dict[str, float] = {"cost": float("nan"), "target": budget.target, "settling": 0.0}
 
-    def scheduled_target(step: int) -> float:
+    def final_target(net: GatedNetwork) -> float:
+        # On-device checks scale the predicted-cost target by predicted/measured: the gates absorb LPNet's bias.
+        return budget.target * (1.0 - p.target_margin) / float(net.latency_correction)
+
+    def scheduled_target(net: GatedNetwork, step: int) -> float:
         # The target falls linearly from the dense cost, so gates close gradually while the task loss ranks them.
         share = min(1.0, step / anneal_steps)
-        return max(final_target, dense_cost + (final_target - dense_cost) * share)
+        end = final_target(net)
+        return min(dense_cost, max(end, dense_cost + (end - dense_cost) * share))
 
     def penalty(net: GatedNetwork) -> torch.Tensor:
         counts = net.keep_counts()
-        target = scheduled_target(int(net.steps_done) + 1)
+        target = scheduled_target(net, int(net.steps_done) + 1)
         # The cost models live on the CPU; autograd carries the gradient back to the gates' device.
         cost = budget.soft(counts.cpu())
-        last.update(cost=float(cost.detach()), target=target)
-        term = float(net.penalty_weight) * torch.relu(cost / target - 1.0)
-        return term.float().to(counts.device)
+        settling = int(net.steps_done) + 1 > anneal_steps
+        last.update(cost=float(cost.detach()), target=target, settling=float(settling))
+        # (ours) Once the target stops falling, the penalty is two-sided, so that gates closed on the way
+        # down reopen and the configuration settles at the target rather than below it.
+        gap = cost / target - 1.0
+        violation = gap.abs() if settling and p.two_sided else torch.relu(gap)
+        term = (float(net.penalty_weight) * violation).float().to(counts.device)
+        if p.range_weight > 0:
+            # (ours) Scores outside the straight-through window get no gradient and could never change side
+            # again; pulling them back keeps every gate revisable when the trade-off shifts.
+            outside = torch.cat([torch.relu(s.abs() - 1.0) for s in net.last_scores])
+            # Linear, not squared: a bounded pull cannot blow up under a large gate learning rate.
+            term = term + p.range_weight * outside.sum()
+        return term
 
-    def adapt(net: GatedNetwork, _step: int) -> None:
-        # Raise lambda while this step's gates cost more than the (scheduled) target, lower it when under.
-        factor = 1.0 + p.lambda_rate if last["cost"] > last["target"] else 1.0 / (1.0 + p.lambda_rate)
+    meters: list[DeviceMeter] = []
+
+    def check_latency(net: GatedNetwork, step: int) -> None:
+        masks = [g.detach().cpu() > 0 for g in net.current]
+        counts = [int(m.sum()) for m in masks]
+        predicted = budget.hard(counts)
+        with net.bare() as bare:
+            if not meters:
+                meters.append(DeviceMeter(latency, bare, ctx.graph.input_shape))
+            measured = meters[0].measure_masks(bare, ctx.graph, masks)["ms"]
+        net.latency_correction.fill_(max(measured / max(predicted, 1e-9), 1e-3))
+        history["latency_checks"].append({"step": step, "keep_counts": counts, "predicted_ms": predicted,
+                                          "measured_ms": measured})
+
+    def adapt(net: GatedNetwork, step: int) -> None:
+        # Raise lambda while this step's gates cost more than the (scheduled) target, lower it when under;
+        # while settling, raise it while the cost is off the target by more than the settling tolerance.
+        gap = last["cost"] / last["target"] - 1.0
+        missed = abs(gap) > p.settle_tolerance if last.get("settling") and p.two_sided else gap > 0
+        factor = 1.0 + p.lambda_rate if missed else 1.0 / (1.0 + p.lambda_rate)
         value = min(max(float(net.penalty_weight) * factor, p.lambda_min), p.lambda_max)
         net.penalty_weight.fill_(value)
         net.steps_done += 1
         history["cost"].append(last["cost"])
         history["penalty_weight"].append(value)
+        if step in check_steps:
+            check_latency(net, step)
 
     def progress(event: dict) -> None:
         if ctx.progress is not None:
@@ -179,7 +282,7 @@ def run(ctx: MethodContext) -> MethodResult:
             scores = [s.detach().float().cpu() for s in gated.scores()]
     finally:
         gated.remove()
-    masks = final_masks(scores)
+    masks = final_masks(scores, floors)
     counts = [int(m.sum()) for m in masks]
     info = {
         "gate_keep_counts": counts,
@@ -188,8 +291,10 @@ def run(ctx: MethodContext) -> MethodResult:
         "penalty_weight": float(gated.penalty_weight),
         "steps": result.steps,
         "cost_trace": history["cost"][:: max(1, len(history["cost"]) // 50)],
+        "latency_checks": history["latency_checks"],
+        "latency_correction": float(gated.latency_correction),
         # Gate scores share one threshold (0) across groups: the finisher ranks them as they are.
         "comparable_scores": True,
         "finisher_round_to": device_multiple(ctx),
     }
-    return MethodResult(model, masks, scores, None, info)
+    return MethodResult(model, masks, finisher_scores(scores, floors), None, info)

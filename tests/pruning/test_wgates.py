@@ -114,6 +114,17 @@ def test_binary_gate_is_a_step_with_straight_through_window():
     assert s.grad.tolist() == [0, 2, 3, 4, 5, 6, 0]
 
 
+def test_floor_holds_the_best_channels_open_and_ranks_them_first_for_the_finisher():
+    s = torch.tensor([-0.9, -0.2, -0.5, 0.3, -0.1], requires_grad=True)
+    g = wgates.floored_gate(s, 3)
+    assert g.tolist() == [0, 1, 0, 1, 1]  # 0.3 is open by itself; -0.1 and -0.2 are held open by the floor
+    (g * torch.ones(5)).sum().backward()
+    assert s.grad.tolist() == [1, 1, 1, 1, 1]  # held or not, the straight-through gradient flows
+    ranked = wgates.finisher_scores([s.detach()], [3])[0]
+    assert ranked.argsort(descending=True).tolist()[:3] == [4, 1, 3]
+    assert wgates.floor_count(16, 0.5) == 8 and wgates.floor_count(16, 0.0) == 1 and wgates.floor_count(3, 0.1) == 1
+
+
 def test_gate_score_is_a_function_of_the_filter_weights():
     model, graph, _ = tiny_setup()
     gated = wgates.GatedNetwork(model, graph, hidden=8)
@@ -158,7 +169,7 @@ def test_gated_model_with_closed_gates_equals_materialized_model():
             # Put every group's threshold at its median score: about half of the gates close.
             raw = gate(wgates.filter_vectors(model, group))
             gate.net[2].bias.sub_(raw.median() + 1e-4)
-        masks = wgates.final_masks(gated.scores())
+        masks = wgates.final_masks(gated.scores(), gated.floors)
         assert all(0 < int(m.sum()) < m.numel() for m in masks)
         x = torch.randn(4, 3, 16, 16)
         gated_out = gated(x)
@@ -190,6 +201,18 @@ def test_latency_penalty_lowers_predicted_latency_in_a_few_steps():
     assert trace[-1] < trace[0]
     assert result.info["comparable_scores"] is True and result.scales is None
     assert [len(s) for s in result.scores] == ctx.graph.sizes
+
+
+def test_on_device_checks_move_the_gates_target_by_the_measured_bias():
+    ctx = method_context("latency_ms=0.04@fake", latency=lambda cost: FakeLatency(cost, bias=1.5), epochs=4,
+                         gate_lr=0.5, anneal_share=0.25, latency_checks=2)
+    result = wgates.run(ctx)
+    checks = result.info["latency_checks"]
+    assert len(checks) == 2 and [c["step"] for c in checks] == sorted(c["step"] for c in checks)
+    # The fake device is 1.5x slower than its predictor, which the drift-corrected checks recover exactly.
+    assert all(c["measured_ms"] == pytest.approx(1.5 * c["predicted_ms"], rel=1e-4) for c in checks)
+    assert result.info["latency_correction"] == pytest.approx(1.5, rel=1e-4)
+    assert wgates.latency_check_steps(10, 40, 2) == {10, 24} and wgates.latency_check_steps(10, 40, 0) == set()
 
 
 def test_flops_budget_uses_the_same_penalty_path():
@@ -254,6 +277,17 @@ def test_measured_latency_finisher_trims_until_the_device_fits():
     assert report["rounds"] == fit.rounds and len(report["measurements"]) == fit.rounds + 1
 
 
+def test_measured_latency_finisher_stops_at_one_channel_per_group_when_the_device_is_far_too_slow():
+    _, graph, cost = tiny_setup()
+    budget = cost_budget(cost, 0.5 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
+    full = [torch.ones(g.size, dtype=torch.bool) for g in graph.groups]
+    scores = [torch.rand(g.size) for g in graph.groups]
+    fit = fit_measured_latency(budget, scores, full, lambda m: 100 * budget.hard([int(x.sum()) for x in m]),
+                               graph.sizes, max_rounds=2)
+    assert [int(m.sum()) for m in fit.keep_masks] == [1] * len(graph.groups)
+    assert not fit.within_tolerance and fit.report()["within_tolerance"] is False
+
+
 def test_measured_latency_finisher_grows_when_far_under_and_rounds_only_if_faster():
     _, graph, cost = tiny_setup()
     latency = FakeLatency(cost)
@@ -296,7 +330,7 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     target = 0.5 * dense_ms
     request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="wgates",
                            budget=Budget("latency_ms", target, "fake"), epochs=1, finetune_epochs=0,
-                           resolution=16, params={"gate_lr": 0.2})
+                           resolution=16, params={"gate_lr": 0.2, "latency_checks": 0})
     report = run_prune(request, tmp_path, latency=latency)
     section = report["latency_ms"]
     assert section["target"] == pytest.approx(target)
