@@ -1,5 +1,13 @@
 """Width configurations to profile: random per-group ratios, uniform sweeps, single-group sweeps.
 
+Of every 10 configurations: 1 uniform-width sweep point; 2 single-group sweeps (one group off the
+8-channel grid); 3 random (every group's ratio uniform in [min_ratio, 1]); 2 "levelled" random (a
+per-configuration level drawn uniformly, the groups scattered around it), which covers the very small and
+the nearly dense models that independent uniform ratios almost never produce (their MACs concentrate
+around a third of the dense model's) and the uneven allocations pruning methods produce; 2 levelled random
+with every count rounded to a multiple of 8 or 16, the fast configurations that a device's channel
+rounding produces.
+
 Configuration i depends only on (seed, i), so the first n configurations of a larger request are the same
 n configurations: a profile can be extended later and every sample already measured stays valid.
 """
@@ -13,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 GOLDEN = 0.6180339887498949
-# Of every 10 configurations: 1 uniform-width sweep point, 2 single-group sweeps, 7 random.
-KIND_BY_SLOT = ("uniform", "single", "single", "random", "random", "random", "random", "random", "random",
-                "random")
+KIND_BY_SLOT = ("uniform", "single", "single", "random", "random", "random", "levelled", "levelled", "aligned",
+                "aligned")
 SINGLE_GROUP_BASES = (1.0, 0.75, 0.5)
 
 
@@ -23,7 +30,7 @@ SINGLE_GROUP_BASES = (1.0, 0.75, 0.5)
 class WidthConfig:
     """Kept channels per group, and how the sampler chose them."""
 
-    kind: str  # dense | uniform | single | random
+    kind: str  # dense | uniform | single | random | levelled | aligned
     keep_counts: tuple[int, ...]
 
 
@@ -59,7 +66,18 @@ def _config(i: int, sizes: np.ndarray, seed: int, min_ratio: float, attempt: int
             count = max(1, count - int(rng.integers(1, 8)))
         counts[g] = count
         return WidthConfig(kind, tuple(counts))
-    return WidthConfig(kind, _counts(rng.uniform(min_ratio, 1.0, len(sizes)), sizes))
+    if kind == "random":
+        return WidthConfig(kind, _counts(rng.uniform(min_ratio, 1.0, len(sizes)), sizes))
+    level = rng.uniform(min_ratio, 1.0)
+    spread = rng.uniform(0.05, 0.5)
+    ratios = np.clip(level + spread * rng.uniform(-1.0, 1.0, len(sizes)), min_ratio, 1.0)
+    if kind == "levelled":
+        return WidthConfig(kind, _counts(ratios, sizes))
+    multiple = int(rng.choice([8, 16]))
+    counts = np.rint(ratios * sizes / multiple) * multiple
+    # Groups smaller than the multiple keep their size; the others keep at least one block.
+    counts = np.where(sizes < multiple, sizes, np.clip(counts, multiple, sizes))
+    return WidthConfig(kind, tuple(int(c) for c in counts))
 
 
 def sample_configs(group_sizes: Sequence[int], n: int, seed: int = 0, min_ratio: float = 0.1) -> list[WidthConfig]:

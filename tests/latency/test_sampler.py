@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from latency.sampler import config_key, sample_configs
@@ -10,7 +11,7 @@ SIZES = [16, 16, 32, 32, 64, 64, 64]
 def test_sampler_covers_kinds_bounds_and_unaligned_counts():
     configs = sample_configs(SIZES, 200, seed=3)
     assert configs[0].kind == "dense" and list(configs[0].keep_counts) == SIZES
-    assert {c.kind for c in configs} == {"dense", "uniform", "single", "random"}
+    assert {c.kind for c in configs} == {"dense", "uniform", "single", "random", "levelled", "aligned"}
     assert len({c.keep_counts for c in configs}) == len(configs)
     for c in configs:
         assert all(1 <= k <= s for k, s in zip(c.keep_counts, SIZES, strict=True))
@@ -21,6 +22,11 @@ def test_sampler_covers_kinds_bounds_and_unaligned_counts():
     assert all(any(k % 8 for k in c.keep_counts) for c in singles)
     ratios = [k / s for c in configs if c.kind == "random" for k, s in zip(c.keep_counts, SIZES, strict=True)]
     assert min(ratios) < 0.2 and max(ratios) > 0.9
+    aligned = [c for c in configs if c.kind == "aligned"]
+    assert aligned and all(k % 8 == 0 for c in aligned for k in c.keep_counts)
+    # levelled configurations reach the small and the nearly dense models that uniform ratios rarely do
+    means = [np.mean(np.divide(c.keep_counts, SIZES)) for c in configs if c.kind == "levelled"]
+    assert min(means) < 0.25 and max(means) > 0.85
 
 
 def test_configurations_are_a_deterministic_prefix():
