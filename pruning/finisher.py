@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,14 +47,17 @@ class DeviceMeter:
 
     On a shared machine the absolute speed drifts between measurements; the ratio to the dense model measured
     around the candidate does not, so a candidate's ms = its ratio x `reference_ms` (the dense latency the
-    predictor was fitted against, else the dense model's first measurement here).
+    predictor was fitted against, else the dense model's first measurement here). The ratio is the median of
+    `repeats` such dense-candidate-dense rounds, so one round hit by another process's burst does not count.
     """
 
     def __init__(self, latency: LatencyPredictor, dense: nn.Module, input_shape: Sequence[int],
-                 describe: Callable[[nn.Module], dict] | None = None, reference_ms: float | None = None):
+                 describe: Callable[[nn.Module], dict] | None = None, reference_ms: float | None = None,
+                 repeats: int = 5):
         self.latency = latency
         self.input_shape = tuple(input_shape)
         self.describe = describe
+        self.repeats = max(1, int(repeats))
         self.dense = copy.deepcopy(dense).cpu().eval()
         self.reference_ms = float(reference_ms if reference_ms is not None
                                   else getattr(latency, "reference_ms", None) or self.dense_ms())
@@ -63,12 +67,35 @@ class DeviceMeter:
         return measure_model_ms(self.dense, self.input_shape, self.latency, self.describe)
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own measurement, 'ratio': to the dense model}."""
-        before = self.dense_ms()
-        raw = measure_model_ms(model, self.input_shape, self.latency, self.describe)
-        after = self.dense_ms()
-        ratio = raw / max(0.5 * (before + after), 1e-12)
-        return {"ms": ratio * self.reference_ms, "raw_ms": raw, "ratio": ratio}
+        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own median, 'ratio': to the dense model}."""
+        with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
+            dense_path = self._export(self.dense, Path(tmp) / "dense")
+            path = self._export(model, Path(tmp) / "candidate")
+            ratios, raws = [], []
+            before = self._time(dense_path, self.dense)
+            for _ in range(self.repeats):
+                raw = self._time(path, model)
+                after = self._time(dense_path, self.dense)
+                ratios.append(raw / max(0.5 * (before + after), 1e-12))
+                raws.append(raw)
+                before = after
+        ratio = statistics.median(ratios)
+        return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio}
+
+    def _export(self, model: nn.Module, folder: Path) -> Path:
+        from pruning import zoo
+
+        folder.mkdir(parents=True, exist_ok=True)
+        batch = int(getattr(getattr(self.latency, "spec", None), "batch", 1) or 1)
+        path = export_onnx(model, folder / "model.onnx", (batch, *self.input_shape[1:]))
+        if self.describe is not None:
+            zoo.save_arch(self.describe(model), folder / "arch.json")
+        return path
+
+    def _time(self, path: Path, model: nn.Module) -> float:
+        if "model" in inspect.signature(self.latency.measure_ms).parameters:
+            return float(self.latency.measure_ms(str(path), model=model))
+        return float(self.latency.measure_ms(str(path)))
 
     def measure_masks(self, model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
                       scales: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:

@@ -17,6 +17,10 @@ from pruning.methods.context import MethodContext, MethodResult
 from pruning.train import train
 
 
+# Added to the scores of channels within a floor: far above any score the range term lets a gate reach.
+FLOOR_RANK = 100.0
+
+
 def binary_gate(scores: torch.Tensor) -> torch.Tensor:
     """1[s >= 0] in the forward pass; straight-through gradient dg/ds = 1[|s| <= 1]."""
     hard = (scores >= 0).to(scores.dtype)
@@ -163,12 +167,14 @@ def final_masks(scores: Sequence[torch.Tensor], floors: Sequence[int]) -> list[t
 
 
 def finisher_scores(scores: Sequence[torch.Tensor], floors: Sequence[int]) -> list[torch.Tensor]:
-    """Gate scores for the finisher's global ranking: channels held open by a floor rank above all others (in
-    their own order), so the finisher goes below a floor only after trimming every other open channel."""
+    """Gate scores for the finisher's global ranking; each group's best `floors[g]` channels rank above all
+    others (in their own order), so the finisher goes below a group's floor only when nothing else is left."""
     out = []
     for s, f in zip(scores, floors, strict=True):
         s = s.detach().float()
-        out.append(torch.where(held_open(s, f), 2.0 + s, s))
+        protected = torch.zeros_like(s, dtype=torch.bool)
+        protected[torch.topk(s, max(1, f)).indices] = True
+        out.append(torch.where(protected, FLOOR_RANK + s, s))
     return out
 
 
