@@ -110,7 +110,8 @@ def section(cases: list[dict], samples: int) -> str:
                   f"Profiling: {case['measured']} measurements ({p.measured} new + {p.retried} noisy retried + "
                   f"{p.repeats} repeats, {p.skipped} already stored) in {p.elapsed_s:.0f} s = "
                   f"{case['per_sample_s']:.2f} s each; {p.noisy} configurations stayed above 10% IQR/median. "
-                  f"Fit {case['fit_s']:.0f} s ({case['fit_info']['epochs']} epochs), "
+                  f"Fit {case['fit_s']:.0f} s ({case['fit_info']['members']} members, "
+                  f"<= {max(case['fit_info']['epochs'])} epochs), "
                   f"evaluation with learning curve {case['eval_s']:.0f} s.", "",
                   markdown_tables(case["report"])]
         alt = case["log_ms"]

@@ -123,7 +123,7 @@ def fit_predictor(home: LatencyHome, device: str, arch: str, resolutions: Sequen
         arch=arch, device=spec, fingerprint=samples[0].fingerprint, resolutions=data.resolutions,
         group_sizes=[int(s) for s in features.group_sizes.tolist()], n_layers=int(features.a_out.shape[0]),
         target=target, hidden=net.hidden, members=len(net.members), reference_ms=net.reference_ms.tolist(),
-        training_samples=info["train_samples"], validation_samples=info["val_samples"], test_keys=test_keys,
+        training_samples=len(train), validation_samples=info["val_samples"], test_keys=test_keys,
         metrics=scores, fit_info=info, library_versions=library_versions())
     stem = home.predictor_stem(device, arch, data.resolutions)
     save_predictor(net, meta, stem)
@@ -135,7 +135,13 @@ def evaluate_predictor(home: LatencyHome, device: str, arch: str, resolution: in
     """Held-out metrics of the saved LPNet, FLOPs-linear and lookup table, the repeatability floor, and
     LPNet's learning curve (refitted on growing subsets of the same training set)."""
     if resolution is None:
-        stem = home.predictor_stem(device, arch, home.profiled_resolutions(device, arch) or [0])
+        resolutions = home.profiled_resolutions(device, arch)
+        if not resolutions:
+            raise PredictorError(f"no profile of {arch} on device {device!r}; run `latprune profile` first")
+        stem = home.predictor_stem(device, arch, resolutions)
+        if not stem.with_name(stem.name + ".json").exists():
+            raise PredictorError(f"no latency predictor for {arch} at resolutions {resolutions} on device "
+                                 f"{device!r}; run `latprune predictor fit` first")
     else:
         stem = home.find_predictor(device, arch, resolution)
     net, meta = load_predictor(stem)

@@ -168,8 +168,10 @@ def predictor_fit(
         console.print(_metrics_table(f"LPNet {arch}@{meta.resolutions} on {device}: held-out "
                                      f"({len(meta.test_keys)} configurations)", {"lpnet": meta.metrics}, "relative"))
         info = meta.fit_info
-        console.print(f"trained on {meta.training_samples} (+{meta.validation_samples} validation), "
-                      f"{info['epochs']} epochs, {info['fit_seconds']:.1f} s -> {stem}.safetensors", highlight=False)
+        console.print(f"trained on {meta.training_samples} configurations ({meta.validation_samples} of them "
+                      f"for early stopping), "
+                      f"{info['members']} members, <= {max(info['epochs'])} epochs, {info['fit_seconds']:.1f} s -> "
+                      f"{stem}.safetensors", highlight=False)
 
 
 @predictor_app.command("eval")
