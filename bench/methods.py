@@ -163,14 +163,15 @@ def dense_weights(work: Path, arch: str, seed: int, epochs: int) -> tuple[Path, 
 
 
 def run_one(work: Path, latency, arch: str, fraction: float, method: str, seed: int, weights: Path,
-            dense_accuracy: float, epochs: int) -> Row:
+            dense_accuracy: float, epochs: int, params: dict | None = None) -> Row:
     """One pruning job through the pipeline; its report as a table row."""
     target_ms = fraction * latency.reference_ms
     method_epochs, finetune = (epochs // 2, epochs - epochs // 2) if method == "wgates" else (0, epochs)
     request = PruneRequest(arch=arch, dataset=DATASET, method=method, budget=Budget("latency_ms", target_ms, DEVICE),
                            epochs=method_epochs, finetune_epochs=finetune, weights_path=weights,
-                           resolution=RESOLUTION, seed=seed)
-    out = work / "runs" / f"{arch}_{fraction:g}_{method}_s{seed}"
+                           resolution=RESOLUTION, seed=seed, params=params or {})
+    tag = "_" + "_".join(f"{k}{v}" for k, v in sorted((params or {}).items())) if params else ""
+    out = work / "runs" / f"{arch}_{fraction:g}_{method}{tag}_s{seed}"
     report = run_prune(request, out, latency=latency)
     section = report["latency_ms"]
     pruned = section["pruned"]
@@ -215,7 +216,9 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
     dense = ", ".join(f"{arch} {spread(acc, 100, 2)} %" for arch, acc in dense_acc.items())
     text = [SECTION, "",
             f"`python bench/methods.py --archs {args.archs} --budgets {args.budgets} --seeds {args.seeds} "
-            f"--dense-epochs {args.dense_epochs} --epochs {args.epochs} --samples {args.samples}`: {DATASET} at "
+            f"--dense-epochs {args.dense_epochs} --epochs {args.epochs} --samples {args.samples}"
+            + (f" --wgates-params '{json.dumps(args.wgates_params)}'" if args.wgates_params else "")
+            + f"`: {DATASET} at "
             f"{RESOLUTION}x{RESOLUTION}, device onnxruntime {onnxruntime.__version__} CPU, 1 thread, batch 1 "
             f"({cpu}, shared machine); torch {torch.__version__}. Dense models trained {args.dense_epochs} epochs "
             f"(test accuracy {dense}). Every method then gets {args.epochs} epochs: wgates {args.epochs // 2} "
@@ -254,6 +257,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs after the dense model, for every method")
     parser.add_argument("--samples", type=int, default=300, help="profiled configurations per architecture")
     parser.add_argument("--home", type=Path, default=Path(".latprune/bench"))
+    parser.add_argument("--wgates-params", type=json.loads, default={}, help="JSON object of wgates parameters")
     parser.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--tiny", action="store_true", help="smoke settings: resnet20, 60%%, one seed, 1+2 epochs, "
@@ -281,7 +285,9 @@ def main() -> None:
             dense_acc.setdefault(arch, []).append(accuracy)
             for fraction in [float(b) for b in args.budgets.split(",")]:
                 for method in args.methods.split(","):
-                    row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs)
+                    params = args.wgates_params if method == "wgates" else None
+                    row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs,
+                                  params)
                     rows.append(row)
                     console.print(f"{arch} {fraction:.0%} {method} seed {seed}: measured {row.measured_ms:.3f} ms "
                                   f"(target {row.target_ms:.3f}), accuracy {100 * row.accuracy:.2f}%, "

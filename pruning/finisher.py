@@ -233,23 +233,26 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
                          max_rounds: int = 3, normalize: bool = True, round_to: int = 1,
                          grow: bool = True) -> LatencyFit:
     """Measure the masked configuration on the device; while it is outside target*(1 +- tolerance), trim (or
-    grow) against the predicted-cost target scaled by predicted/measured and measure again (`max_rounds` times).
+    grow) it by importance to a new predicted-cost aim and measure again (at most `max_rounds` times).
 
-    With `round_to` > 1, kept counts are rounded to that multiple first, but only if the rounded model
-    measures faster than the unrounded one.
+    The aim is the predicted cost scaled by target/measured, or, once one measured configuration is within the
+    limit and one over it, the secant between them (the predictor's error changes with the configuration, so
+    scaling alone can jump back and forth). The result is the slowest measured configuration within the limit
+    (the fastest one if none is). With `round_to` > 1, kept counts are rounded to that multiple first, but only
+    if the rounded model measures faster than the unrounded one.
     """
     target = budget.target
+    limit, low = target * (1 + tolerance), target * (1 - tolerance)
     masks = [m.clone().bool() for m in keep_masks]
     fit = LatencyFit(masks, target, tolerance, round_to=round_to)
-
-    states: list[tuple[Masks, float]] = []
+    states: list[tuple[Masks, float, float]] = []  # (masks, predicted, measured) of every usable measurement
 
     def record(current: Masks, action: str) -> float:
         counts = _counts(current)
-        measured = float(measure_ms(current))
-        fit.measurements.append({"action": action, "keep_counts": counts, "predicted_ms": budget.hard(counts),
+        predicted, measured = budget.hard(counts), float(measure_ms(current))
+        fit.measurements.append({"action": action, "keep_counts": counts, "predicted_ms": predicted,
                                  "measured_ms": measured})
-        states.append((current, measured))
+        states.append((current, predicted, measured))
         return measured
 
     measured = record(masks, "initial")
@@ -259,48 +262,49 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             rounded_ms = record(rounded, f"round_to_{round_to}")
             if rounded_ms < measured:
                 masks, measured, fit.rounding_applied = rounded, rounded_ms, True
+                states.pop(0)  # the unrounded start is superseded
             else:
                 fit.measurements[-1]["rejected"] = True
-
-    def keep_rounded(current: Masks, fits: Fits) -> Masks:
-        return round_masks(scores, current, round_to, fits, sizes) if fit.rounding_applied else current
+                states.pop()
+    smallest = budget.hard([1] * len(sizes)) * (1 + 1e-6)
 
     for _ in range(max_rounds):
-        over = measured > target * (1 + tolerance)
-        under = measured < target * (1 - tolerance)
+        over, under = measured > limit, measured < low
         if not (over or (under and grow)):
             break
-        predicted = budget.hard(_counts(masks))
-        # The device runs this configuration measured/predicted times slower than LPNet says: aim the
-        # predicted cost where the measured one should land on the target.
-        scaled = predicted * target / measured
-        if over:
-            # Never below the smallest configuration (one channel per group): trim to it and measure that.
-            scaled = max(scaled, budget.hard([1] * len(sizes)) * (1 + 1e-6))
+        feasible = [st for st in states if st[2] <= limit]
+        too_slow = [st for st in states if st[2] > limit]
+        base, predicted = masks, budget.hard(_counts(masks))
+        aim = predicted * target / measured
+        if feasible and too_slow:
+            lo = max(feasible, key=lambda st: st[2])
+            hi = min(too_slow, key=lambda st: st[1])
+            if hi[1] > lo[1] and hi[2] > lo[2]:
+                aim = lo[1] + (hi[1] - lo[1]) * (target - lo[2]) / (hi[2] - lo[2])
+                aim = min(max(aim, lo[1]), hi[1] - 1e-9 * hi[1])
+                base = lo[0]
+        aim = max(aim, smallest)
 
-        def fits_scaled(counts: list[int], limit: float = scaled) -> bool:
-            return budget.hard(counts) <= limit
+        def fits_aim(counts: list[int], aim: float = aim) -> bool:
+            return budget.hard(counts) <= aim
 
-        before = _counts(masks)
-        if over:
-            masks, _ = trim_masks(scores, masks, fits_scaled, normalize)
+        if budget.hard(_counts(base)) > aim:
+            candidate, _ = trim_masks(scores, base, fits_aim, normalize)
         else:
-            masks, _ = grow_masks(scores, masks, fits_scaled, normalize)
-        masks = keep_rounded(masks, fits_scaled)
-        after = _counts(masks)
-        if after == before:
-            break
+            candidate, _ = grow_masks(scores, base, fits_aim, normalize)
+        if fit.rounding_applied:
+            candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
+        if any(_counts(candidate) == _counts(st[0]) for st in states):
+            break  # nothing new to try
         fit.rounds += 1
-        measured = record(masks, "trim" if over else "grow")
-    limit = target * (1 + tolerance)
-    if measured > limit and fit.rounds:
-        # Growing overshot (or trimming fell short): fall back to the slowest measured state within the limit.
-        feasible = [(ms, i) for i, (_, ms) in enumerate(states) if ms <= limit
-                    and not fit.measurements[i].get("rejected")]
-        if feasible:
-            _, best = max(feasible)
-            masks, measured = states[best]
-            fit.measurements.append({**fit.measurements[best], "action": "restore"})
+        masks = candidate
+        measured = record(masks, "trim" if budget.hard(_counts(masks)) < predicted else "grow")
+    feasible = [st for st in states if st[2] <= limit]
+    best = max(feasible, key=lambda st: st[2]) if feasible else min(states, key=lambda st: st[2])
+    if best[0] is not masks:
+        masks, measured = best[0], best[2]
+        fit.measurements.append({"action": "restore", "keep_counts": _counts(masks), "predicted_ms": best[1],
+                                 "measured_ms": best[2]})
     fit.keep_masks = masks
     start, end = _counts(keep_masks), _counts(masks)
     fit.channels_trimmed = sum(max(0, a - b) for a, b in zip(start, end, strict=True))

@@ -128,18 +128,21 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                             should_cancel=should_cancel, checkpoint_dir=ckpt / "method" if ckpt else None)
         result = load_runner(request.method)(ctx)
         normalize = not result.info.get("comparable_scores", False)
-        masks, trimmed = trim_masks(result.scores, result.keep_masks, budget_cost.fits, normalize)
         result.model.cpu().eval()
         round_to = int(result.info.get("finisher_round_to", 1))
         latency_fit = None
         if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+            # The device is the judge: the measured loop trims (or grows) from the method's own choice, which
+            # may already have been corrected for the predictor's bias on this device.
             meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
             latency_fit = fit_measured_latency(
-                budget_cost, result.scores, masks, _measurer(result, graph, meter),
+                budget_cost, result.scores, result.keep_masks, _measurer(result, graph, meter),
                 graph.sizes, request.latency_tolerance, request.latency_rounds, normalize, round_to)
-            masks = latency_fit.keep_masks
-        elif round_to > 1:
-            masks = round_masks(result.scores, masks, round_to, budget_cost.fits, graph.sizes)
+            masks, trimmed = latency_fit.keep_masks, latency_fit.channels_trimmed
+        else:
+            masks, trimmed = trim_masks(result.scores, result.keep_masks, budget_cost.fits, normalize)
+            if round_to > 1:
+                masks = round_masks(result.scores, masks, round_to, budget_cost.fits, graph.sizes)
         counts = [int(m.sum()) for m in masks]
         pruned = materialize(result.model, graph, masks, result.scales)
         prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": result.info,

@@ -44,9 +44,9 @@ class WGatesParams(MethodParams):
                                                              "term (0: gates start in random order)")
     anneal_share: float = Field(0.5, ge=0, le=1, description="share of the training steps over which the gates' "
                                                                "target falls from the dense cost to the budget")
-    min_keep: float = Field(0.1, ge=0, le=1, description="share of a group's channels the gates keep open (the "
+    min_keep: float = Field(0.25, ge=0, le=1, description="share of a group's channels the gates keep open (the "
                                                         "best-scoring ones); the finisher may still go below")
-    residual_min_keep: float = Field(0.5, ge=0, le=1, description="the same for residual streams (channels summed "
+    residual_min_keep: float = Field(0.25, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                   "by skip connections)")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")

@@ -16,7 +16,6 @@ from pruning.groups import ChannelGraph, ChannelGroup
 from pruning.methods.context import MethodContext, MethodResult
 from pruning.train import train
 
-
 # Added to the scores of channels within a floor: far above any score the range term lets a gate reach.
 FLOOR_RANK = 100.0
 

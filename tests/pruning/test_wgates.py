@@ -278,6 +278,27 @@ def test_measured_latency_finisher_trims_until_the_device_fits():
     assert report["rounds"] == fit.rounds and len(report["measurements"]) == fit.rounds + 1
 
 
+def test_measured_latency_finisher_brackets_a_latency_cliff_instead_of_oscillating():
+    model = zoo.build_model("resnet20", 10, 3).eval()
+    graph = ChannelGraph.build(model, (1, 3, 16, 16))
+    cost = CostModel(graph)
+    dense_ms = float(cost.dense_macs) / 1e6
+    budget = cost_budget(cost, 0.5 * dense_ms, FakeLatency(cost))
+    target = budget.target
+
+    def cliff(masks):  # exact up to 90% of the target, then 40% slower than predicted
+        predicted = budget.hard([int(m.sum()) for m in masks])
+        return predicted if predicted <= 0.9 * target else 1.4 * predicted
+
+    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(g.index)) for g in graph.groups]
+    full = [torch.ones(g.size, dtype=torch.bool) for g in graph.groups]
+    fit = fit_measured_latency(budget, scores, full, cliff, graph.sizes, tolerance=0.05, max_rounds=6)
+    tried = [tuple(m["keep_counts"]) for m in fit.measurements if m["action"] != "restore"]
+    assert len(tried) == len(set(tried))  # never measures the same configuration twice
+    assert 0.85 * target <= fit.measured_ms <= 0.9 * target
+    assert [int(m.sum()) for m in fit.keep_masks] == list(fit.measurements[-1]["keep_counts"])
+
+
 def test_measured_latency_finisher_stops_at_one_channel_per_group_when_the_device_is_far_too_slow():
     _, graph, cost = tiny_setup()
     budget = cost_budget(cost, 0.5 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
