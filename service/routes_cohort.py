@@ -15,11 +15,10 @@ from pruning.selection import pareto_front
 from service.deps import KeyDep, SessionDep, StateDep
 from service.models import Device, Job, Subnet
 from service.routes_jobs import tenant_job
-from service.routes_results import _tenant_device
+from service.routes_results import MACS, _tenant_device, as_member
 from service.schemas import LatencyOut
 
 router = APIRouter(prefix="/v1/jobs", tags=["cohort"])
-MACS = "macs"
 
 
 class CohortMemberOut(BaseModel):
@@ -49,12 +48,6 @@ class PredictOut(CohortOut):
     device_id: int
     predicted: list[int] = Field(description="members that got a prediction on the device")
     missing_resolutions: list[int] = Field(description="resolutions the device has no ready predictor for")
-
-
-def as_member(subnet: Subnet) -> dict:
-    """A subnet row in pruning.selection's member form."""
-    return {"id": subnet.member, "accuracy": subnet.accuracy, "macs": subnet.macs, "resolution": subnet.resolution,
-            "latency_ms": subnet.latency or {}}
 
 
 def _subnets(session: Session, job: Job) -> list[Subnet]:

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pruning.selection import pareto_front
 from service.deps import KeyDep, SessionDep, StateDep, not_found
 from service.models import Artifact, Device, Job, Subnet
 from service.routes_jobs import tenant_job
@@ -50,13 +51,34 @@ def pick_subnet(subnets: list[Subnet], device_id: int, budget_ms: float | None,
     return best, ""
 
 
-def _subnet_out(subnet: Subnet, artifacts: list[Artifact]) -> SubnetOut:
+def _subnet_out(subnet: Subnet, artifacts: list[Artifact], pareto: list[str]) -> SubnetOut:
     return SubnetOut(
         id=subnet.id, member=subnet.member, resolution=subnet.resolution, macs=subnet.macs, params=subnet.params,
         accuracy=subnet.accuracy, widths=subnet.widths,
         latency={k: LatencyOut(**v) for k, v in (subnet.latency or {}).items()},
         artifacts=[ArtifactOut(format=a.format, sha256=a.sha256, size_bytes=a.size_bytes) for a in artifacts],
+        pareto_front=pareto,
     )
+
+
+MACS = "macs"
+
+
+def as_member(subnet: Subnet) -> dict:
+    """A subnet row in pruning.selection's member form."""
+    return {"id": subnet.member, "accuracy": subnet.accuracy, "macs": subnet.macs, "resolution": subnet.resolution,
+            "latency_ms": subnet.latency or {}}
+
+
+def front_keys(subnets: list[Subnet]) -> dict[int, list[str]]:
+    """For every subnet: the fronts it lies on ("macs" and the ids of devices with a latency for the cohort)."""
+    members = [as_member(s) for s in subnets]
+    keys = [MACS] + sorted({k for s in subnets for k in (s.latency or {})}, key=lambda k: (len(k), k))
+    on_front: dict[int, list[str]] = {s.member: [] for s in subnets}
+    for key in keys:
+        for member in pareto_front(members, None if key == MACS else key):
+            on_front[member["id"]].append(key)
+    return on_front
 
 
 def _job_subnets(session: Session, job: Job) -> list[Subnet]:
@@ -64,8 +86,9 @@ def _job_subnets(session: Session, job: Job) -> list[Subnet]:
 
 
 @router.get("/{job_id}/subnets", response_model=list[SubnetOut])
-def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[SubnetOut]:
-    """The job's cohort: widths, resolution, MACs, params, accuracy, latency per device, artifacts."""
+async def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[SubnetOut]:
+    """The job's cohort: widths, resolution, MACs, params, accuracy, latency per device, artifacts, and which
+    accuracy/cost Pareto fronts (per device id, and "macs") each member lies on."""
     job = tenant_job(session, key.tenant_id, job_id)
     subnets = _job_subnets(session, job)
     artifacts: dict[int, list[Artifact]] = {}
@@ -73,7 +96,8 @@ def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[SubnetOu
         for a in session.scalars(select(Artifact).where(Artifact.subnet_id.in_([s.id for s in subnets]))
                                  .order_by(Artifact.format)):
             artifacts.setdefault(a.subnet_id, []).append(a)
-    return [_subnet_out(s, artifacts.get(s.id, [])) for s in subnets]
+    fronts = front_keys(subnets)
+    return [_subnet_out(s, artifacts.get(s.id, []), fronts[s.member]) for s in subnets]
 
 
 def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
@@ -89,7 +113,7 @@ def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the file; X-Checkpoint-SHA256 holds its hash"},
                        409: {"description": "the job is not finished, or no subnet fits the device"}})
-def download_checkpoint(
+async def download_checkpoint(
     job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
     device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
     format: Annotated[ArtifactFormat, Query()] = "onnx",  # noqa: A002 - the API's parameter name

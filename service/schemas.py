@@ -168,6 +168,8 @@ class SubnetOut(BaseModel):
     widths: dict[str, Any]
     latency: dict[str, LatencyOut] = Field(description="per device id")
     artifacts: list[ArtifactOut]
+    pareto_front: list[str] = Field(default_factory=list, description="the accuracy/cost Pareto fronts this member "
+                                    "lies on: 'macs' and the ids of devices with a latency for the cohort")
 
 
 class MethodOut(BaseModel):

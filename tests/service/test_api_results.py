@@ -94,3 +94,18 @@ def test_pick_subnet_rules():
     assert pick_subnet([a, b], 1, 1.9, 0.1)[0] is a
     assert pick_subnet([a, b], 2, 1.0, 0.1)[1].startswith("no subnet has a measured or predicted latency")
     assert pick_subnet([], 1, 1.0, 0.1)[1] == "the job produced no subnets"
+
+
+def test_subnets_carry_their_pareto_fronts_per_device(env):
+    headers = env.key()
+    f = env.client.post("/v1/devices", headers=headers, json={"name": "pf-fast"}).json()["id"]
+    s = env.client.post("/v1/devices", headers=headers, json={"name": "pf-slow"}).json()["id"]
+    job = _cohort(env, headers, [
+        (0.90, {f: (1.0, 1.1), s: (3.0, 3.2)}),
+        (0.80, {f: (0.5, None), s: (1.5, 1.9)}),
+        (0.95, {f: (2.5, 2.6), s: (5.0, 5.5)}),
+        (0.85, {f: (3.0, 3.0), s: (6.0, 6.0)}),  # slower and less accurate than member 0 everywhere
+    ])
+    subnets = env.client.get(f"/v1/jobs/{job}/subnets", headers=headers).json()
+    fronts = {sub["member"]: sub["pareto_front"] for sub in subnets}
+    assert fronts == {0: [str(f), str(s)], 1: [str(f), str(s)], 2: ["macs", str(f), str(s)], 3: ["macs"]}
