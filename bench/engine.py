@@ -5,7 +5,14 @@ Prints a markdown table: per architecture, budget and channel rounding, MACs kep
 latency, and the realized speed-up next to the MACs ratio. Random weights: latency does not depend on the values.
 """
 
+# ruff: noqa: E402  (imports follow the sys.path fix below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and `latency` would import bench/latency.py.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import platform

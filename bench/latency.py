@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from docsection import DOC, write_section  # bench/ is still first on sys.path here
+
 # Run as a script, this file's folder comes first on sys.path and `latency` would import this very file.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
-import re
 import time
 
 import onnxruntime
@@ -34,7 +35,6 @@ from latency.profiler import ProfileTarget, profile
 from latency.samples import SampleStore
 from latency.store import LatencyHome
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Latency predictor"
 DEVICE = "bench-cpu-1t"
 console = Console()
@@ -122,18 +122,6 @@ def section(cases: list[dict], samples: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the latency section of docs/benchmarks.md, leaving other sections alone."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000)
@@ -151,7 +139,7 @@ def main() -> None:
     text = section(cases, args.samples)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         console.print(f"wrote section {SECTION!r} of {DOC}", highlight=False)
 
 

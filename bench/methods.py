@@ -19,12 +19,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from docsection import DOC, write_section  # bench/ is still first on sys.path here
+
 # Run as a script, this file's folder comes first on sys.path and `latency` would import bench/latency.py.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import json
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,7 +47,6 @@ from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import METHODS, MethodInfo, MethodParams
 from pruning.train import evaluate, seed_everything, train
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Pruning methods under latency budgets"
 DEVICE = "bench-cpu-1t"
 DATASET = "builtin:digits"
@@ -235,18 +235,6 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
     return "\n".join(text)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="resnet20,resnet56")
@@ -298,7 +286,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         console.print(f"wrote section {SECTION!r} of {DOC}", highlight=False)
 
 
