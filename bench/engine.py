@@ -17,7 +17,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse
 import platform
 import tempfile
-from pathlib import Path
 
 import onnxruntime
 import torch

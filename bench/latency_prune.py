@@ -16,7 +16,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import tempfile
-from pathlib import Path
 
 from latency.store import load_latency_model
 from pruning.budget import Budget
