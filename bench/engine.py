@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and `latency` would import bench/latency.py.
+from docsection import write_section  # bench/ is still first on sys.path here
+
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
@@ -34,7 +36,8 @@ from pruning.surgery import export_onnx, materialize
 
 CASES = [("resnet56", 32), ("resnet18", 64)]
 BUDGETS = ["flops=0.5", "flops=0.3"]
-ROUND_TO = [1, 8]  # 8: kept channels rounded to onnxruntime's block size
+ROUND_TO = [1, 8]
+SECTION = "## Engine: MACs vs realized speed-up"  # 8: kept channels rounded to onnxruntime's block size
 
 
 def machine() -> str:
@@ -48,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     spec = DeviceSpec(name="bench-cpu-1t", runtime="onnxruntime", provider="cpu", threads=1, batch=1)
     plan = TimingPlan(warmup_runs=20, blocks=args.blocks, runs_per_block=args.runs)
@@ -77,14 +81,18 @@ def main() -> None:
                 rows.append((arch, resolution, budget_text, round_to, cost.dense_macs, int(macs), m.reference.median_ms,
                              m.sample.median_ms, cost.dense_macs / macs, m.reference.median_ms / m.sample.median_ms,
                              m.noise))
-    print(f"Machine: {machine()}; onnxruntime CPU provider, 1 intra-op thread, batch 1, "
-          f"{args.blocks} blocks x {args.runs} runs, medians; dense and pruned timed interleaved.\n")
-    print("| arch | res | budget | round_to | dense MACs | pruned MACs | dense ms | pruned ms | MACs ratio | "
-          "speed-up | IQR/med |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [SECTION, "", "`python bench/engine.py`: l1 (global allocation) on random weights, dense vs pruned.",
+             f"Machine: {machine()}; onnxruntime CPU provider, 1 intra-op thread, batch 1, "
+             f"{args.blocks} blocks x {args.runs} runs, medians; dense and pruned timed interleaved.", "",
+             "| arch | res | budget | round_to | dense MACs | pruned MACs | dense ms | pruned ms | MACs ratio | "
+             "speed-up | IQR/med |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:,} | {r[5]:,} | {r[6]:.3f} | {r[7]:.3f} | {r[8]:.2f}x | "
-              f"{r[9]:.2f}x | {r[10]:.1%} |")
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:,} | {r[5]:,} | {r[6]:.3f} | {r[7]:.3f} | "
+                     f"{r[8]:.2f}x | {r[9]:.2f}x | {r[10]:.1%} |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
