@@ -6,7 +6,10 @@ engine facts come through service.engine_info.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException
@@ -18,7 +21,7 @@ from sqlalchemy import func, select, text
 from service import routes_cohort, routes_devices, routes_jobs, routes_models, routes_results
 from service.db import session_factory
 from service.deps import AppState, Dispatcher, KeyDep, get_admin_key
-from service.engine_info import list_methods
+from service.engine_info import known_archs, list_methods
 from service.models import JOB_STATES, ApiKey, Job
 from service.schemas import MethodOut
 from service.settings import Settings, get_settings
@@ -116,6 +119,13 @@ def celery_dispatcher(settings: Settings) -> Dispatcher:
     return dispatch
 
 
+def _warm_arch_cache() -> None:
+    try:
+        known_archs()
+    except Exception:  # noqa: BLE001 - the first request that needs it will report the failure
+        logging.getLogger(__name__).warning("cannot list architectures yet", exc_info=True)
+
+
 def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = None) -> FastAPI:
     """A configured app instance (settings default to the environment; tasks go to the broker)."""
     settings = settings or get_settings()
@@ -123,7 +133,13 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
     sessions = session_factory(settings.database_url)
     state = AppState(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifact_dir),
                      dispatch=dispatch or celery_dispatcher(settings))
-    app = FastAPI(title="latprune", version="0.1.0",
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # noqa: ANN202
+        # Ask the zoo for its architectures in the background now, not inside the first request.
+        threading.Thread(target=_warm_arch_cache, daemon=True).start()
+        yield
+
+    app = FastAPI(title="latprune", version="0.1.0", lifespan=lifespan,
                   description="Latency-constrained, hardware-aware pruning of CNNs. Every endpoint but /healthz "
                               "needs `Authorization: Bearer <api key>`; other tenants' ids answer 404.")
     app.state.latprune = state
@@ -140,7 +156,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
     app.add_middleware(RequestMetrics, requests=requests, seconds=seconds)
 
     @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         """Liveness and database reachability (no key needed)."""
         try:
             with sessions() as session:
@@ -150,12 +166,12 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
         return {"status": "ok", "database": "ok"}
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
-    def metrics(_: Annotated[ApiKey, Depends(get_admin_key)]) -> Response:
+    async def metrics(_: Annotated[ApiKey, Depends(get_admin_key)]) -> Response:
         """Prometheus metrics (admin key: the job counts span all tenants)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/methods", tags=["meta"], response_model=list[MethodOut])
-    def methods(_: KeyDep) -> list[dict]:
+    async def methods(_: KeyDep) -> list[dict]:
         """Pruning methods: name, description and the JSON schema of their params."""
         return list_methods()
 

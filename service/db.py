@@ -13,6 +13,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+# anyio's default thread limit: every thread serving a request may hold a connection at once.
+POOL_SIZE = 40
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -38,8 +40,9 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # One pooled connection per request thread (FastAPI runs sync handlers on up to 40 threads).
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               json_serializer=_json_dumps)
+                               json_serializer=_json_dumps, pool_size=POOL_SIZE, max_overflow=0)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -51,7 +54,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_serializer=_json_dumps)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=POOL_SIZE, json_serializer=_json_dumps)
 
 
 def get_engine(url: str) -> Engine:

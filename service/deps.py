@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,7 +32,17 @@ def app_state(request: Request) -> AppState:
     return request.app.state.latprune
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def _state_dependency(request: Request) -> AppState:
+    # Async on purpose: FastAPI runs sync dependencies on the threadpool, and the wait for a thread would happen
+    # while the request holds a pooled connection.
+    return app_state(request)
+
+
+# The dependencies are async, so they run on the event loop, and the session is closed as soon as the handler
+# returns (scope="function"), before the response is sent. Otherwise requests waiting for a threadpool slot or
+# for their client to read the response hold pooled connections, and under load the pool runs dry while the
+# requests that would give connections back cannot run.
+async def get_session(request: Request) -> AsyncIterator[Session]:
     session = app_state(request).sessions()
     try:
         yield session
@@ -40,28 +50,30 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_key(
+async def get_key(
     request: Request,
-    session: Annotated[Session, Depends(get_session)],
+    session: Annotated[Session, Depends(get_session, scope="function")],
     authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
 ) -> ApiKey:
     try:
         key = authenticate(session, authorization)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    finally:
+        session.commit()  # hand the connection back until the handler needs one
     request.state.tenant_id = key.tenant_id
     return key
 
 
-def get_admin_key(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
+async def get_admin_key(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
     if not key.is_admin:
         raise HTTPException(403, "this endpoint needs an admin key (latprune admin create-key --admin)")
     return key
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 KeyDep = Annotated[ApiKey, Depends(get_key)]
-StateDep = Annotated[AppState, Depends(app_state)]
+StateDep = Annotated[AppState, Depends(_state_dependency)]
 
 
 def not_found(kind: str, ident: object) -> HTTPException:

@@ -25,7 +25,7 @@ def tenant_device(session, tenant_id: int, device_id: int) -> Device:  # noqa: A
 
 @router.post("", status_code=201, response_model=DeviceOut,
              responses={409: {"description": "a device of that name exists"}})
-def create_device(body: DeviceCreate, key: KeyDep, session: SessionDep) -> Device:
+async def create_device(body: DeviceCreate, key: KeyDep, session: SessionDep) -> Device:
     """Register a device; its profiling runs on queue profile.<name>."""
     device = Device(tenant_id=key.tenant_id, name=body.name, spec=body.spec(), queue=profile_queue(body.name),
                     latency_budget_ms=body.latency_budget_ms)
@@ -39,19 +39,19 @@ def create_device(body: DeviceCreate, key: KeyDep, session: SessionDep) -> Devic
 
 
 @router.get("", response_model=list[DeviceOut])
-def list_devices(key: KeyDep, session: SessionDep) -> list[Device]:
+async def list_devices(key: KeyDep, session: SessionDep) -> list[Device]:
     """The tenant's devices."""
     return list(session.scalars(select(Device).where(Device.tenant_id == key.tenant_id).order_by(Device.id)))
 
 
 @router.get("/{device_id}", response_model=DeviceOut)
-def get_device(device_id: int, key: KeyDep, session: SessionDep) -> Device:
+async def get_device(device_id: int, key: KeyDep, session: SessionDep) -> Device:
     """One device."""
     return tenant_device(session, key.tenant_id, device_id)
 
 
 @router.post("/{device_id}/profile", status_code=202, response_model=PredictorOut)
-def profile_device(device_id: int, body: ProfileRequest, key: KeyDep, session: SessionDep,
+async def profile_device(device_id: int, body: ProfileRequest, key: KeyDep, session: SessionDep,
                    state: StateDep) -> Predictor:
     """Time sampled width configurations on the device and fit its LPNet (runs on the device's queue)."""
     device = tenant_device(session, key.tenant_id, device_id)
@@ -74,7 +74,7 @@ def profile_device(device_id: int, body: ProfileRequest, key: KeyDep, session: S
 
 
 @router.get("/{device_id}/predictors", response_model=list[PredictorOut])
-def list_predictors(device_id: int, key: KeyDep, session: SessionDep) -> list[Predictor]:
+async def list_predictors(device_id: int, key: KeyDep, session: SessionDep) -> list[Predictor]:
     """Latency predictors (and profiling runs) of a device, with their metrics."""
     device = tenant_device(session, key.tenant_id, device_id)
     return list(session.scalars(select(Predictor).where(Predictor.device_id == device.id)

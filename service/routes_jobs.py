@@ -87,7 +87,7 @@ def _validated_request(body: JobCreate, tenant_id: int, session: Session, state)
              responses={200: {"description": "an earlier job with the same Idempotency-Key"},
                         409: {"description": "Idempotency-Key reused with a different request"},
                         422: {"description": "a field is wrong; the message names it"}})
-def submit_job(
+async def submit_job(
     body: JobCreate, key: KeyDep, session: SessionDep, state: StateDep, response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=128, description="same key, same job")] = None,
 ) -> JobOut:
@@ -133,7 +133,7 @@ def _by_idempotency_key(session: Session, tenant_id: int, idem_key: str, digest:
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(key: KeyDep, session: SessionDep, state: JobState | None = None,
+async def list_jobs(key: KeyDep, session: SessionDep, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0)] = 0) -> JobPage:
     """The tenant's jobs, newest first."""
@@ -146,14 +146,14 @@ def list_jobs(key: KeyDep, session: SessionDep, state: JobState | None = None,
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
+async def get_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
     """State, progress 0..1, current epoch, loss, cost, error, and the final report."""
     return job_out(tenant_job(session, key.tenant_id, job_id), with_report=True)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
              responses={409: {"description": "the job has already finished"}})
-def cancel_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
+async def cancel_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
     """Cancel: a queued job stops at once; a running job stops at its worker's next step."""
     job = tenant_job(session, key.tenant_id, job_id)
     if job.state in TERMINAL_STATES:
@@ -169,7 +169,7 @@ def cancel_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`id`, `event` (progress | state | end) and JSON `data` lines"}})
-def job_events(
+async def job_events(
     job_id: int, key: KeyDep, session: SessionDep, request: Request,
     after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
     follow: Annotated[bool, Query(description="keep the stream open until the job ends")] = True,

@@ -78,12 +78,12 @@ def upload_model(
 
 
 @router.get("", response_model=list[ModelOut])
-def list_models(key: KeyDep, session: SessionDep) -> list[Model]:
+async def list_models(key: KeyDep, session: SessionDep) -> list[Model]:
     """The tenant's uploaded models."""
     return list(session.scalars(select(Model).where(Model.tenant_id == key.tenant_id).order_by(Model.id)))
 
 
 @router.get("/{model_id}", response_model=ModelOut)
-def get_model(model_id: int, key: KeyDep, session: SessionDep) -> Model:
+async def get_model(model_id: int, key: KeyDep, session: SessionDep) -> Model:
     """One uploaded model."""
     return tenant_model(session, key.tenant_id, model_id)

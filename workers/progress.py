@@ -22,8 +22,8 @@ def _finite(value: object) -> float | None:
 class JobProgress:
     """The engine's `progress` callback for one job: updates the job row and appends events.
 
-    Writes at most one row per `interval_s`, except that a stage change or the end of a stage is always
-    written, so the stored history shows every stage.
+    Writes at most one row per `interval_s`, except that the first event of a stage or an epoch and the last
+    step of a stage are always written, so the stored history shows every stage, epoch and final loss.
     """
 
     def __init__(self, sessions: sessionmaker[Session], job_id: int, interval_s: float,
@@ -31,15 +31,17 @@ class JobProgress:
         self.sessions, self.job_id, self.interval_s, self.clock = sessions, job_id, interval_s, clock
         self.last_write = -math.inf
         self.last_stage: str | None = None
+        self.last_epoch: int | None = None
 
     def __call__(self, event: dict) -> None:
-        stage = event.get("stage")
+        stage, epoch = event.get("stage"), event.get("epoch")
         fraction = min(max(float(event.get("fraction") or 0.0), 0.0), 1.0)
         now = self.clock()
-        milestone = stage != self.last_stage or fraction >= 1.0
+        stage_done = event.get("steps") is not None and event.get("step") == event.get("steps")
+        milestone = stage != self.last_stage or epoch != self.last_epoch or stage_done or fraction >= 1.0
         if not milestone and now - self.last_write < self.interval_s:
             return
-        self.last_write, self.last_stage = now, stage
+        self.last_write, self.last_stage, self.last_epoch = now, stage, epoch
         data = {"stage": stage, "fraction": fraction, "epoch": event.get("epoch"), "epochs": event.get("epochs"),
                 "step": event.get("step"), "steps": event.get("steps"), "loss": _finite(event.get("loss")),
                 "cost": _finite(event.get("cost"))}

@@ -154,3 +154,25 @@ def test_cli_admin_and_db(cli, live, tmp_path, monkeypatch):
     assert "empty" in cli("db", "current").output
     r = cli("db", "upgrade")
     assert r.exit_code == 0 and "0001" in r.output
+
+
+def test_many_concurrent_requests_do_not_exhaust_the_pool(live, key):
+    import asyncio
+
+    import httpx
+
+    from service.db import POOL_SIZE
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=9 * POOL_SIZE)
+        async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {key}"},
+                                     limits=limits, timeout=60) as http:
+            job = {"method": "l1", "arch": "resnet20", "dataset": "builtin:digits",
+                   "budget": {"kind": "flops", "value": 0.5}}
+            calls = [http.get("/v1/jobs") for _ in range(3 * POOL_SIZE)]
+            calls += [http.post("/v1/jobs", json=job) for _ in range(3 * POOL_SIZE)]
+            calls += [http.get("/v1/devices") for _ in range(3 * POOL_SIZE)]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    codes = asyncio.run(asyncio.wait_for(burst(), 90))
+    assert codes.count(200) == 6 * POOL_SIZE and codes.count(201) == 3 * POOL_SIZE

@@ -132,17 +132,19 @@ def test_progress_is_throttled_but_keeps_stage_changes(settings):
     job_id = _job(settings, {"kind": "flops", "value": 0.5})
     now = [0.0]
     progress = JobProgress(session_factory(settings.database_url), job_id, 1.0, clock=lambda: now[0])
-    progress({"stage": "dense", "fraction": 0.1, "epoch": 1, "loss": 2.0})
-    progress({"stage": "dense", "fraction": 0.2, "epoch": 1, "loss": 1.9})  # within the interval: dropped
-    progress({"stage": "prune", "fraction": 0.4, "cost": 5.0})  # a new stage: written
+    progress({"stage": "dense", "fraction": 0.1, "epoch": 1, "step": 1, "steps": 8, "loss": 2.0})
+    progress({"stage": "dense", "fraction": 0.2, "epoch": 1, "step": 2, "steps": 8, "loss": 1.9})  # dropped
+    progress({"stage": "dense", "fraction": 0.3, "epoch": 2, "step": 5, "steps": 8, "loss": 1.8})  # new epoch
+    progress({"stage": "dense", "fraction": 0.4, "epoch": 2, "step": 8, "steps": 8, "loss": 1.7})  # stage done
+    progress({"stage": "prune", "fraction": 0.5, "cost": 5.0})  # a new stage
     now[0] = 2.0
-    progress({"stage": "prune", "fraction": 0.5, "loss": float("nan")})
+    progress({"stage": "prune", "fraction": 0.6, "loss": float("nan")})  # the interval has passed
     with session_scope(settings.database_url) as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
         job = s.get(Job, job_id)
-    assert [e.data["fraction"] for e in events] == [0.1, 0.4, 0.5]
+    assert [e.data["fraction"] for e in events] == [0.1, 0.3, 0.4, 0.5, 0.6]
     assert events[-1].data["loss"] is None
-    assert (job.progress, job.stage, job.loss, job.cost) == (0.5, "prune", 2.0, 5.0)
+    assert (job.progress, job.stage, job.loss, job.cost) == (0.6, "prune", 1.7, 5.0)
 
 
 def test_cancel_flag_reads_at_most_once_per_interval(settings):
