@@ -7,7 +7,6 @@ counts an attempt; a job whose worker keeps dying fails after `max_attempts` sta
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import session_factory
 from service.deps import Dispatcher
-from service.models import TERMINAL_STATES, Artifact, Device, Job, JobEvent, Model, Predictor, Subnet, utcnow
+from service.models import TERMINAL_STATES, Device, Job, JobEvent, Model, Predictor, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore
 from workers.celery_app import MEASURE_TASK, PROFILE_TASK
 from workers.progress import CancelFlag, JobProgress
 
 log = logging.getLogger(__name__)
-ARTIFACT_FILES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "arch": "arch.json"}
 AWAITING_PREDICTOR = "awaiting_predictor"
 MEASURING = "measuring"
 
@@ -227,52 +225,39 @@ def _end(sessions: sessionmaker[Session], store: ArtifactStore, job_id: int, sta
 
 def persist_results(sessions: sessionmaker[Session], store: ArtifactStore, started: Started, report: dict,
                     out_dir: Path) -> bool:
-    """Store the subnet's files and rows (idempotently); True if the budget device must still re-measure it."""
-    member = 0
-    base = f"tenants/{started.tenant_id}/jobs/{started.job_id}/subnets/{member}"
-    stored = {fmt: store.put_file(out_dir / name, f"{base}/{name}") for fmt, name in ARTIFACT_FILES.items()}
-    arch_json = json.loads((out_dir / ARTIFACT_FILES["arch"]).read_text())
-    pruned = report["pruned"]
-    with sessions.begin() as session:
-        subnet = session.scalar(select(Subnet).where(Subnet.job_id == started.job_id, Subnet.member == member))
-        if subnet is None:
-            subnet = Subnet(job_id=started.job_id, member=member)
-            session.add(subnet)
-        subnet.arch_json, subnet.widths = arch_json, report.get("widths") or {}
-        subnet.resolution, subnet.macs, subnet.params = int(report["resolution"]), int(pruned["macs"]), \
-            int(pruned["params"])
-        subnet.accuracy = pruned.get("accuracy")
-        session.flush()
-        for fmt, file in stored.items():
-            row = session.scalar(select(Artifact).where(Artifact.subnet_id == subnet.id, Artifact.format == fmt))
-            if row is None:
-                row = Artifact(subnet_id=subnet.id, format=fmt)
-                session.add(row)
-            row.path, row.sha256, row.size_bytes = file.path, file.sha256, file.size_bytes
+    """Store the job's one subnet (idempotently, as cohort members are); True if the budget device must still
+    re-measure it."""
+    from workers.cohort_job import store_member
+
+    with sessions() as session:
         latency, needs_measure = _subnet_latency(session, store, started, report)
-        subnet.latency = latency
+        device_ids = {d.name: d.id for d in session.scalars(select(Device).where(Device.tenant_id ==
+                                                                                 started.tenant_id))}
+    pruned = report["pruned"]
+    member = {"id": 0, "widths": report.get("widths") or {}, "resolution": int(report["resolution"]),
+              "macs": int(pruned["macs"]), "params": int(pruned["params"]), "accuracy": pruned.get("accuracy"),
+              "latency_ms": latency}
+    store_member(sessions, store, started.tenant_id, started.job_id, member, out_dir, device_ids)
     return needs_measure
 
 
 def _subnet_latency(session: Session, store: ArtifactStore, started: Started, report: dict) -> tuple[dict, bool]:
-    """{device id: {predicted_ms, measured_ms}} for the budget device and every device with a fitting predictor."""
+    """{device name: {predicted_ms, measured_ms}} for the budget device and every device with a fitting predictor,
+    and whether the budget device still has to measure (this worker is not that device)."""
+    from workers.cohort_job import ready_predictor
     from workers.device_latency import load_device_latency, predict_counts_ms
 
     out: dict[str, dict] = {}
     needs_measure = False
     measured = (report.get("latency_ms") or {}).get("pruned") or {}
     if started.device is not None:
-        out[str(started.device.id)] = {"predicted_ms": measured.get("predicted"),
-                                       "measured_ms": measured.get("measured")}
+        out[started.device.name] = {"predicted_ms": measured.get("predicted"),
+                                    "measured_ms": measured.get("measured")}
         needs_measure = measured.get("measured") is None
-    devices = session.scalars(select(Device).where(Device.tenant_id == started.tenant_id)).all()
-    for device in devices:
-        if str(device.id) in out:
+    for device in session.scalars(select(Device).where(Device.tenant_id == started.tenant_id)):
+        if device.name in out:
             continue
-        predictor = session.scalar(select(Predictor).where(
-            Predictor.device_id == device.id, Predictor.arch == started.request["arch"],
-            Predictor.resolution == int(report["resolution"]), Predictor.state == "ready")
-            .order_by(Predictor.id.desc()))
+        predictor = ready_predictor(session, device.id, started.request["arch"], int(report["resolution"]))
         if predictor is None:
             continue
         try:
@@ -281,7 +266,7 @@ def _subnet_latency(session: Session, store: ArtifactStore, started: Started, re
             log.warning("no prediction on device %s: %s", device.id, exc)
             continue
         if predicted is not None:
-            out[str(device.id)] = {"predicted_ms": predicted, "measured_ms": None}
+            out[device.name] = {"predicted_ms": predicted, "measured_ms": None}
     return out, needs_measure
 
 
