@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -34,25 +35,20 @@ def _client():  # noqa: ANN202
     return client
 
 
-def _api_errors():  # noqa: ANN202
-    """one_line_errors plus the API's own messages and an unreachable server."""
-    import contextlib
-
+@contextmanager
+def api_errors():  # noqa: ANN201
+    """one_line_errors plus the API's own messages and an unreachable server, as one-line reasons."""
     import httpx
 
     from service.client import ApiError
 
-    @contextlib.contextmanager
-    def guard():  # noqa: ANN202
-        with one_line_errors():
-            try:
-                yield
-            except ApiError as exc:
-                fail(f"the API answered {exc}")
-            except httpx.ConnectError as exc:
-                fail(f"cannot reach the API ({exc}); is `latprune up` running, and LATPRUNE_API_URL right?")
-
-    return guard()
+    with one_line_errors():
+        try:
+            yield
+        except ApiError as exc:
+            fail(f"the API answered {exc}")
+        except httpx.ConnectError as exc:
+            fail(f"cannot reach the API ({exc}); is `latprune up` running, and LATPRUNE_API_URL right?")
 
 
 @db_app.command("upgrade")
@@ -140,7 +136,7 @@ def submit(
     watch_job: Annotated[bool, typer.Option("--watch", help="follow progress until the job ends")] = False,
 ) -> None:
     """Submit a pruning job to the API."""
-    with _api_errors():
+    with api_errors():
         client = _client()
         job = build_job(method, arch, dataset, budget, epochs, finetune_epochs, parse_params(param or []),
                         model_id, resolution, seed, batch_size, client)
@@ -157,7 +153,7 @@ def jobs(
     """List your jobs, newest first."""
     from rich.table import Table
 
-    with _api_errors():
+    with api_errors():
         page = _client().jobs(state=state, limit=limit)
         table = Table(title=f"jobs ({page['total']} in all)")
         for column in ("id", "state", "method", "arch", "dataset", "budget", "progress", "error"):
@@ -197,7 +193,7 @@ def _follow(client, job_id: int) -> dict:  # noqa: ANN001
 
 def watch(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     """Follow a job's progress until it ends (exit 1 unless it succeeded)."""
-    with _api_errors():
+    with api_errors():
         client = _client()
         job = _follow(client, job_id)
         if job["state"] != "succeeded":
@@ -213,7 +209,7 @@ def download(
     latency_ms: Annotated[float | None, typer.Option(help="budget on the device instead of its default")] = None,
 ) -> None:
     """Download the checkpoint that suits a device (SHA-256 checked)."""
-    with _api_errors():
+    with api_errors():
         path, headers = _client().download(job_id, device, out, fmt, latency_ms)
         latency = f", {headers['x-latency-ms']} ms on {device}" if "x-latency-ms" in headers else ""
         console.print(f"{path} (subnet {headers.get('x-subnet-member')}{latency}, "
@@ -222,7 +218,7 @@ def download(
 
 def cancel(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     """Cancel a queued or running job."""
-    with _api_errors():
+    with api_errors():
         job = _client().cancel(job_id)
         console.print(f"job {job_id} {job['state']}" + (" (stops at its next step)" if job["state"] == "running"
                                                          else ""))
@@ -423,7 +419,7 @@ def demo(
     this machine, prune resnet20 on builtin:digits to half its measured latency, download the ONNX for it, and
     compare dense and pruned."""
     started = time.monotonic()
-    with _api_errors():
+    with api_errors():
         settings = _settings()
         procs: list[subprocess.Popen] = []
         client = _running_stack(settings)

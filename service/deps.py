@@ -79,3 +79,11 @@ StateDep = Annotated[AppState, Depends(_state_dependency)]
 def not_found(kind: str, ident: object) -> HTTPException:
     """The one answer for ids that do not exist and ids of another tenant."""
     return HTTPException(404, f"{kind} {ident} not found")
+
+
+def owned(session: Session, entity: type, tenant_id: int, ident: int, kind: str):  # noqa: ANN201
+    """The row of `entity` with id `ident` if it belongs to the tenant, else 404 (also for another tenant's id)."""
+    row = session.get(entity, ident)
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found(kind, ident)
+    return row

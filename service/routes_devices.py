@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, not_found
+from service.deps import KeyDep, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
 from service.models import Device, Predictor
 from service.schemas import DeviceCreate, DeviceOut, PredictorOut, ProfileRequest
@@ -15,12 +16,9 @@ from workers.celery_app import PROFILE_TASK, profile_queue
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
 
-def tenant_device(session, tenant_id: int, device_id: int) -> Device:  # noqa: ANN001
+def tenant_device(session: Session, tenant_id: int, device_id: int) -> Device:
     """The tenant's device, or 404 (also for another tenant's id)."""
-    device = session.get(Device, device_id)
-    if device is None or device.tenant_id != tenant_id:
-        raise not_found("device", device_id)
-    return device
+    return owned(session, Device, tenant_id, device_id, "device")
 
 
 @router.post("", status_code=201, response_model=DeviceOut,

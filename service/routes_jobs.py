@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, app_state, not_found
+from service.deps import KeyDep, SessionDep, StateDep, app_state, owned
 from service.engine_info import EngineInputError, check_arch, check_dataset, validate_params
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, utcnow
 from service.routes_models import tenant_model
@@ -29,10 +29,7 @@ SSE_HEARTBEAT_S = 15.0
 
 def tenant_job(session: Session, tenant_id: int, job_id: int) -> Job:
     """The tenant's job, or 404 (also for another tenant's id)."""
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
-        raise not_found("job", job_id)
-    return job
+    return owned(session, Job, tenant_id, job_id, "job")
 
 
 def job_out(job: Job, with_report: bool = False) -> JobOut:
@@ -77,9 +74,7 @@ def _validated_request(body: JobCreate, tenant_id: int, session: Session, state)
         if model.arch != body.arch:
             raise HTTPException(422, f"model {model.id} is a {model.arch}, but the job asks for {body.arch}")
     if body.budget.device_id is not None:
-        device = session.get(Device, body.budget.device_id)
-        if device is None or device.tenant_id != tenant_id:
-            raise not_found("device", body.budget.device_id)
+        owned(session, Device, tenant_id, body.budget.device_id, "device")
     return {**body.model_dump(mode="json"), "dataset": dataset, "params": params}
 
 

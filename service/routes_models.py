@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, not_found
+from service.deps import KeyDep, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
 from service.models import Model
 from service.schemas import ModelOut
@@ -17,12 +18,9 @@ from service.weights import WeightsRejected, validate_file
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def tenant_model(session, tenant_id: int, model_id: int) -> Model:  # noqa: ANN001
+def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
     """The tenant's model, or 404 (also for another tenant's id)."""
-    model = session.get(Model, model_id)
-    if model is None or model.tenant_id != tenant_id:
-        raise not_found("model", model_id)
-    return model
+    return owned(session, Model, tenant_id, model_id, "model")
 
 
 @router.post("", status_code=201, response_model=ModelOut,
