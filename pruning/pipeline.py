@@ -189,15 +189,21 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         "device": str(device),
     }
     if latency is not None:
-        export_onnx(dense, out_dir / "dense.onnx", input_shape)
+        # A predictor without measure_ms means this worker is not the device: the device's own queue measures later.
+        can_measure = hasattr(latency, "measure_ms")
+        measured_dense = measured_pruned = None
+        if can_measure:
+            export_onnx(dense, out_dir / "dense.onnx", input_shape)
+            measured_dense = latency.measure_ms(str(out_dir / "dense.onnx"))
+            measured_pruned = latency.measure_ms(str(out_dir / "model.onnx"))
+            (out_dir / "dense.onnx").unlink()
         report["latency_ms"] = {
             "dense": {"predicted": budget_cost.dense() if request.budget.kind == "latency_ms" else None,
-                      "measured": latency.measure_ms(str(out_dir / "dense.onnx"))},
+                      "measured": measured_dense},
             "pruned": {"predicted": prune_info["predicted_cost"] if request.budget.kind == "latency_ms" else None,
-                       "measured": latency.measure_ms(str(out_dir / "model.onnx"))},
+                       "measured": measured_pruned},
         }
-        (out_dir / "dense.onnx").unlink()
-        if request.budget.kind == "latency_ms" and hasattr(latency, "measure_ms"):
+        if request.budget.kind == "latency_ms" and can_measure:
             final = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch)).measure(pruned)
             report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"])
         if "latency_fit" in prune_info:

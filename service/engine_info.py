@@ -90,7 +90,7 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def check_dataset(ref: str, data_root: Path) -> str:
     """The canonical dataset reference; EngineInputError if malformed or a path leaves the data root."""
-    from pruning.data import DatasetRefError, parse_dataset_ref, resolve_under_root
+    from pruning.datarefs import DatasetRefError, parse_dataset_ref, resolve_under_root
 
     try:
         parsed = parse_dataset_ref(ref)

@@ -48,7 +48,7 @@ def job_work_dir(job_id: int) -> str:
 
 def job_resolution(request: dict[str, Any]) -> int:
     """The input resolution the job trains at: asked for, else the dataset's own, else the engine default."""
-    from pruning.data import DEFAULT_RESOLUTION, parse_dataset_ref
+    from pruning.datarefs import DEFAULT_RESOLUTION, parse_dataset_ref
 
     return int(request.get("resolution") or parse_dataset_ref(request["dataset"]).resolution or DEFAULT_RESOLUTION)
 

@@ -1,4 +1,4 @@
-"""The API process stays free of torch: start-up, the methods list and a device registration."""
+"""The API process stays free of torch: start-up, the methods list, a device registration, job submission."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def test_api_process_does_not_import_torch(tmp_path):
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/methods", headers=headers).json()[0]["name"]
         assert client.post("/v1/devices", headers=headers, json={{"name": "d"}}).status_code == 201
+        job = {{"method": "l1", "arch": "resnet20", "dataset": "builtin:digits",
+               "budget": {{"kind": "flops", "value": 0.5}}}}
+        assert client.post("/v1/jobs", headers=headers, json=job).status_code == 201
+        bad = client.post("/v1/jobs", headers=headers, json={{**job, "dataset": "imagefolder:../etc"}})
+        assert bad.status_code == 422, bad.text
         print("TORCH" if "torch" in sys.modules else "NO-TORCH")
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
