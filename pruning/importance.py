@@ -26,14 +26,17 @@ def group_weight_norms(model: nn.Module, graph: ChannelGraph, p: int = 1) -> lis
 
 @torch.no_grad()
 def group_bn_gammas(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
-    """Per-channel |BN gamma| of each group (summed over its BNs that follow a producer); L1 if it has none."""
+    """Per-channel mean |BN gamma| over the BNs where each group's mask acts (filter L1 for a group without BN)."""
     fallback = group_weight_norms(model, graph)
     scores = []
     for group, default in zip(graph.groups, fallback, strict=True):
-        total = torch.zeros(group.size)
+        total, count = torch.zeros(group.size), 0
         for name in group.scale_layers:
             layer = model.get_submodule(name)
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight.numel() == group.size:
+            is_norm = isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine
+            if is_norm and layer.weight.numel() == group.size:
                 total += layer.weight.detach().abs().float().cpu()
-        scores.append(total if bool(total.any()) else default)
+                count += 1
+        # A mean, not a sum: residual groups span several BNs and would otherwise always win the global threshold.
+        scores.append(total / count if count else default)
     return scores

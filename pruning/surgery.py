@@ -143,3 +143,23 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     finally:
         model.train(was_training)
     return path
+
+
+def onnx_macs(path: str | Path) -> int:
+    """MACs of the Conv and Gemm nodes of an ONNX file, read off the graph (independent of the cost model)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            h, w = shapes[node.output[0]][2:]
+            total += int(np.prod(inits[node.input[1]].shape)) * h * w
+        elif node.op_type == "Gemm":
+            total += int(np.prod(inits[node.input[1]].shape))
+    return total

@@ -6,7 +6,6 @@ The target is a job id (asked of the API) or a local cohort directory written by
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,22 +13,7 @@ import typer
 from rich.table import Table
 
 from service.cli_engine import console, fail, one_line_errors
-
-
-@contextmanager
-def _api_guard():
-    """one_line_errors plus the API's messages and an unreachable server as one-line reasons."""
-    import httpx
-
-    from service.client import ApiError
-
-    with one_line_errors():
-        try:
-            yield
-        except ApiError as exc:
-            fail(f"the API answered {exc}")
-        except httpx.ConnectError as exc:
-            fail(f"cannot reach the API ({exc}); is `latprune up` running, and LATPRUNE_API_URL right?")
+from service.cli_service import api_errors
 
 
 def cohort_table(members: list[dict], devices: dict[str, str], fronts: dict[str, list[int]], title: str) -> Table:
@@ -120,7 +104,7 @@ def cohort(
     """Print a cohort's members (resolution, MACs, params, accuracy, latency per device, Pareto fronts) and write
     its accuracy/latency Pareto plot."""
     if target.isdigit():
-        with _api_guard():
+        with api_errors():
             _remote(int(target), png, device or [], predict)
     else:
         with one_line_errors():

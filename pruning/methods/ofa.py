@@ -25,7 +25,7 @@ from pruning import zoo
 from pruning.budget import BudgetCost, fit_ranking, global_ranking
 from pruning.cost import CostModel
 from pruning.groups import ChannelGraph
-from pruning.importance import group_weight_norms
+from pruning.importance import group_bn_gammas
 from pruning.registry import OFAParams
 from pruning.surgery import channel_scales, masks_from_counts, round_counts
 from pruning.train import Cancelled, train
@@ -102,24 +102,6 @@ def bn_layers(model: nn.Module, graph: ChannelGraph) -> list[nn.modules.batchnor
     return layers
 
 
-@torch.no_grad()
-def gamma_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
-    """Per-channel mean |BN gamma| over the BNs where each group's mask acts (filter L1 for a group without BN)."""
-    fallback = group_weight_norms(model, graph)
-    scores = []
-    for group, default in zip(graph.groups, fallback, strict=True):
-        total, count = torch.zeros(group.size), 0
-        for name in group.scale_layers:
-            layer = model.get_submodule(name)
-            is_norm = isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine
-            if is_norm and layer.weight.numel() == group.size:
-                total += layer.weight.detach().abs().float().cpu()
-                count += 1
-        # A mean, not a sum: residual groups span several BNs and would otherwise always win the global threshold.
-        scores.append(total / count if count else default)
-    return scores
-
-
 def threshold_counts(scores: Sequence[torch.Tensor], fits: Callable[[list[int]], bool], round_to: int = 1) -> list[int]:
     """Kept channels per group under the lowest global score threshold whose (rounded) configuration fits."""
     sizes = [len(s) for s in scores]
@@ -193,7 +175,7 @@ def search_structures(ctx: OFAContext) -> tuple[list[Masks], dict[str, Any]]:
         if step % steps_per_epoch:
             return
         epoch = step // steps_per_epoch
-        masks = derive_masks(gamma_scores(ctx.model, base_graph), ctx.budget_costs, params.round_to)
+        masks = derive_masks(group_bn_gammas(ctx.model, base_graph), ctx.budget_costs, params.round_to)
         # A redone epoch (resume after a crash) overwrites what it wrote before; older masks are not needed.
         state["masks"] = {k: v for k, v in state["masks"].items() if int(k) == epoch - 1}
         state["similarities"] = {k: v for k, v in state["similarities"].items() if int(k) < epoch}
@@ -228,7 +210,7 @@ def search_structures(ctx: OFAContext) -> tuple[list[Masks], dict[str, Any]]:
             if stopped["epoch"] is None:
                 raise
     ctx.model.cpu().eval()
-    structures = derive_masks(gamma_scores(ctx.model, base_graph), ctx.budget_costs, params.round_to)
+    structures = derive_masks(group_bn_gammas(ctx.model, base_graph), ctx.budget_costs, params.round_to)
     epochs_run = stopped["epoch"] if stopped["epoch"] is not None else ctx.search_epochs
     info = {"max_epochs": ctx.search_epochs, "epochs_run": epochs_run, "early_bird_epoch": stopped["epoch"],
             "similarities": similarities(), "final_loss": result.final_loss if result else None}

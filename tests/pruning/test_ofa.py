@@ -10,6 +10,7 @@ import torch
 
 from pruning.budget import Budget, BudgetCost
 from pruning.cohort import plan_cohort
+from pruning.importance import group_bn_gammas
 from pruning.methods import ofa
 from pruning.methods.context import MethodContext
 from pruning.pipeline import PruneRequest
@@ -93,7 +94,7 @@ def _graphs(resolutions: tuple[int, ...]):
 
 def test_threshold_masks_fit_each_budget_at_its_resolution_and_are_nested():
     model, graphs, costs = _graphs((32, 24))
-    scores = ofa.gamma_scores(model, graphs[32])
+    scores = group_bn_gammas(model, graphs[32])
     dense32 = costs[32].dense_macs
     budget_costs = [BudgetCost(Budget("macs", f * dense32), costs[r]) for f in (0.6, 0.3) for r in (32, 24)]
     structures = ofa.derive_masks(scores, budget_costs)
@@ -112,7 +113,7 @@ def test_threshold_masks_fit_each_budget_at_its_resolution_and_are_nested():
 
 def test_threshold_counts_round_to_a_multiple():
     model, graphs, costs = _graphs((32, 24))
-    scores = ofa.gamma_scores(model, graphs[32])
+    scores = group_bn_gammas(model, graphs[32])
     cost = BudgetCost(Budget("macs", 0.5 * costs[32].dense_macs), costs[32])
     counts = ofa.threshold_counts(scores, cost.fits, round_to=8)
     assert cost.fits(counts) and all(c % 8 == 0 for c in counts)
@@ -120,7 +121,7 @@ def test_threshold_counts_round_to_a_multiple():
 
 def test_gamma_scores_average_over_a_groups_norms():
     model, graphs, _ = _graphs((32, 24))
-    scores = ofa.gamma_scores(model, graphs[32])
+    scores = group_bn_gammas(model, graphs[32])
     group = next(g for g in graphs[32].groups if len(g.scale_layers) > 1)
     expected = torch.stack([model.get_submodule(n).weight.detach().abs() for n in group.scale_layers]).mean(0)
     assert torch.allclose(scores[group.index], expected)

@@ -6,11 +6,8 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper, shape_inference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,7 +20,7 @@ from pruning.methods import wgates
 from pruning.methods.context import MethodContext
 from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import WGatesParams, get_method
-from pruning.surgery import materialize
+from pruning.surgery import materialize, onnx_macs
 
 
 def randomize_norms(model: nn.Module) -> None:
@@ -71,23 +68,6 @@ class FakeLatency:
         ms = onnx_macs(onnx_path) / 1e6 * self.ms_per_mmac * self.bias
         self.measured.append(ms)
         return ms
-
-
-def onnx_macs(path) -> int:
-    """MACs of the Conv and Gemm nodes of an ONNX file, read off the graph itself."""
-    model = shape_inference.infer_shapes(onnx.load(str(path)))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(model.graph.value_info) + list(model.graph.output)}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            weight = inits[node.input[1]]
-            h, w = shapes[node.output[0]][2:]
-            total += int(np.prod(weight.shape)) * h * w
-        elif node.op_type == "Gemm":
-            total += int(np.prod(inits[node.input[1]].shape))
-    return total
 
 
 def random_loader(n: int = 32, batch: int = 8, classes: int = 4, resolution: int = 8) -> DataLoader:

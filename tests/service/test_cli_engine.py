@@ -1,32 +1,14 @@
 import json
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper, shape_inference
 from typer.testing import CliRunner
 
+from pruning.surgery import onnx_macs
 from service.cli import app
 
 runner = CliRunner()
-
-
-def onnx_macs(path) -> int:
-    """MACs of Conv and Gemm nodes read off the ONNX graph itself (an independent count)."""
-    model = shape_inference.infer_shapes(onnx.load(str(path)))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(model.graph.value_info) + list(model.graph.output)}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            weight = inits[node.input[1]]
-            h, w = shapes[node.output[0]][2:]
-            total += int(np.prod(weight.shape)) * h * w
-        elif node.op_type == "Gemm":
-            total += int(np.prod(inits[node.input[1]].shape))
-    return total
 
 
 @pytest.fixture(scope="module")
