@@ -66,19 +66,8 @@ class ArtifactStore:
 
     def put_file(self, src: str | Path, rel_path: str) -> StoredFile:
         """Copy `src` to `rel_path` atomically (temp file, fsync, rename); replaces an existing file."""
-        tmp = self.temp_file()
-        try:
-            digest, size = hashlib.sha256(), 0
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(CHUNK_BYTES):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            return self._commit(tmp, rel_path, digest.hexdigest(), size)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with open(src, "rb") as fin:
+            return self.put_stream(fin, rel_path)
 
     def put_stream(self, stream: BinaryIO, rel_path: str, max_bytes: int | None = None) -> StoredFile:
         """Write a stream to `rel_path` atomically; StorageError (and nothing kept) past `max_bytes`."""
