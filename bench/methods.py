@@ -1,16 +1,18 @@
 """Pruning methods under latency budgets: wgates vs l1 vs torch-pruning's MetaPruner (GroupNormImportance).
 
 Usage: python bench/methods.py [--archs resnet20,resnet56] [--budgets 0.6,0.4] [--seeds 0,1,2]
-                               [--dense-epochs 10] [--epochs 10] [--samples 300] [--home DIR] [--no-write] [--tiny]
+                               [--dense-epochs 10] [--epochs 10] [--samples 300] [--wgates-epochs N]
+                               [--wgates-params JSON] [--home DIR] [--no-write] [--tiny]
 
 On builtin:digits (32x32, grayscale), for the onnxruntime CPU 1-thread device: profile every architecture and
 fit its LPNet (resumable, shared with bench/latency.py through the same home and device name), train one dense
 model per (architecture, seed), then prune it with every method to latency budgets given as fractions of the
-dense latency. Every method gets the same epochs after the dense model: wgates trains its gates for half of
-them and fine-tunes for the other half; l1 and MetaPruner fine-tune for all of them. All three go through the
-same job pipeline (finisher, on-device re-measure loop, fine-tune, export). MetaPruner (global pruning, ratio
-bisected to the predicted latency budget) is registered for this process only. Prints a markdown table (mean
-and spread over seeds) and writes the section "Pruning methods under latency budgets" of docs/benchmarks.md.
+dense latency. Every method gets the same epochs after the dense model: wgates trains its gates for a sixth of
+them (--wgates-epochs) and fine-tunes for the rest; l1 and MetaPruner fine-tune for all of them. All three go
+through the same job pipeline (finisher, on-device re-measure loop, fine-tune, export). MetaPruner (global
+pruning, ratio bisected to the predicted latency budget) is registered for this process only. Prints a markdown
+table (mean and spread over seeds) and writes the section "Pruning methods under latency budgets" of
+docs/benchmarks.md.
 """
 
 # ruff: noqa: E402  (imports follow the sys.path fix below)
@@ -114,6 +116,13 @@ def run_metapruner(ctx: MethodContext) -> MethodResult:
     return MethodResult(model, masks, scores, None, {"pruning_ratio": ratio, "comparable_scores": True})
 
 
+def default_gate_epochs(epochs: int) -> int:
+    """wgates' share of the common epochs: a sixth (at least one) trains the gates, the rest fine-tunes. Longer
+    gate training on a converged dense model lets the latency gradient, not the vanishing task loss, pick the
+    channels; the weights then get less fine-tuning (docs/methods.md)."""
+    return min(epochs, max(1, epochs // 6))
+
+
 @dataclass
 class Row:
     arch: str
@@ -163,14 +172,16 @@ def dense_weights(work: Path, arch: str, seed: int, epochs: int) -> tuple[Path, 
 
 
 def run_one(work: Path, latency, arch: str, fraction: float, method: str, seed: int, weights: Path,
-            dense_accuracy: float, epochs: int, params: dict | None = None) -> Row:
+            dense_accuracy: float, epochs: int, params: dict | None = None, gate_epochs: int | None = None) -> Row:
     """One pruning job through the pipeline; its report as a table row."""
     target_ms = fraction * latency.reference_ms
-    method_epochs, finetune = (epochs // 2, epochs - epochs // 2) if method == "wgates" else (0, epochs)
+    gate_epochs = default_gate_epochs(epochs) if gate_epochs is None else gate_epochs
+    method_epochs, finetune = (gate_epochs, epochs - gate_epochs) if method == "wgates" else (0, epochs)
     request = PruneRequest(arch=arch, dataset=DATASET, method=method, budget=Budget("latency_ms", target_ms, DEVICE),
                            epochs=method_epochs, finetune_epochs=finetune, weights_path=weights,
                            resolution=RESOLUTION, seed=seed, params=params or {})
     tag = "_" + "_".join(f"{k}{v}" for k, v in sorted((params or {}).items())) if params else ""
+    tag += f"_g{method_epochs}" if method == "wgates" else ""
     out = work / "runs" / f"{arch}_{fraction:g}_{method}{tag}_s{seed}"
     report = run_prune(request, out, latency=latency)
     section = report["latency_ms"]
@@ -214,15 +225,17 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
     dense = ", ".join(f"{arch} {spread(acc, 100, 2)} %" for arch, acc in dense_acc.items())
+    gate_epochs = default_gate_epochs(args.epochs) if args.wgates_epochs is None else args.wgates_epochs
     text = [SECTION, "",
             f"`python bench/methods.py --archs {args.archs} --budgets {args.budgets} --seeds {args.seeds} "
             f"--dense-epochs {args.dense_epochs} --epochs {args.epochs} --samples {args.samples}"
+            + (f" --wgates-epochs {args.wgates_epochs}" if args.wgates_epochs is not None else "")
             + (f" --wgates-params '{json.dumps(args.wgates_params)}'" if args.wgates_params else "")
             + f"`: {DATASET} at "
             f"{RESOLUTION}x{RESOLUTION}, device onnxruntime {onnxruntime.__version__} CPU, 1 thread, batch 1 "
             f"({cpu}, shared machine); torch {torch.__version__}. Dense models trained {args.dense_epochs} epochs "
-            f"(test accuracy {dense}). Every method then gets {args.epochs} epochs: wgates {args.epochs // 2} "
-            f"of gate training + {args.epochs - args.epochs // 2} of fine-tuning, l1 and MetaPruner "
+            f"(test accuracy {dense}). Every method then gets {args.epochs} epochs: wgates {gate_epochs} "
+            f"of gate training + {args.epochs - gate_epochs} of fine-tuning, l1 and MetaPruner "
             f"{args.epochs} of fine-tuning. Budgets are fractions of the dense latency the LPNet was fitted "
             "against (median of the profile's interleaved dense reference).",
             "",
@@ -245,6 +258,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs after the dense model, for every method")
     parser.add_argument("--samples", type=int, default=300, help="profiled configurations per architecture")
     parser.add_argument("--home", type=Path, default=Path(".latprune/bench"))
+    parser.add_argument("--wgates-epochs", type=int, default=None,
+                        help="of --epochs, how many wgates trains its gates (the rest fine-tunes); default a sixth")
     parser.add_argument("--wgates-params", type=json.loads, default={}, help="JSON object of wgates parameters")
     parser.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -275,7 +290,7 @@ def main() -> None:
                 for method in args.methods.split(","):
                     params = args.wgates_params if method == "wgates" else None
                     row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs,
-                                  params)
+                                  params, args.wgates_epochs)
                     rows.append(row)
                     console.print(f"{arch} {fraction:.0%} {method} seed {seed}: measured {row.measured_ms:.3f} ms "
                                   f"(target {row.target_ms:.3f}), accuracy {100 * row.accuracy:.2f}%, "

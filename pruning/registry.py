@@ -46,8 +46,9 @@ class WGatesParams(MethodParams):
                                                                "target falls from the dense cost to the budget")
     min_keep: float = Field(0.25, ge=0, le=1, description="share of a group's channels the gates keep open (the "
                                                         "best-scoring ones); the finisher may still go below")
-    residual_min_keep: float = Field(0.25, ge=0, le=1, description="the same for residual streams (channels summed "
-                                                                  "by skip connections)")
+    residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
+                                                                 "by skip connections); 1: the gates leave them "
+                                                                 "whole and only the finisher may trim them")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "
