@@ -38,6 +38,11 @@ class PredictOnly:
     def group_sizes(self) -> list[int]:
         return self.model.group_sizes
 
+    @property
+    def spec(self):  # noqa: ANN201 - latency.device.DeviceSpec, imported lazily
+        """The device's spec: methods read its channel_multiple (wgates' finisher rounding)."""
+        return self.model.spec
+
     def predict_ms(self, keep_ratios):  # noqa: ANN001, ANN201 - torch tensors
         return self.model.predict_ms(keep_ratios)
 
