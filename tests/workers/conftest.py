@@ -63,6 +63,22 @@ class Stack:
                        f"job {job_id} to reach {states}; worker log:\n{self.log_tail()}")
         return job  # type: ignore[return-value]
 
+    def profiled_device(self, name: str, arch: str = "resnet20", resolution: int = 16, samples: int = 12,
+                        timeout_s: float = 180) -> tuple[dict, dict]:
+        """Register a device, profile it on the worker and wait for its predictor: (device, ready predictor)."""
+        c, h = self.client, self.headers
+        device = c.post("/v1/devices", headers=h, json={"name": name}).json()
+        started = c.post(f"/v1/devices/{device['id']}/profile", headers=h,
+                         json={"arch": arch, "resolution": resolution, "samples": samples}).json()
+
+        def settled() -> dict | None:
+            rows = c.get(f"/v1/devices/{device['id']}/predictors", headers=h).json()
+            return next((p for p in rows if p["id"] == started["id"] and p["state"] in ("ready", "failed")), None)
+
+        fitted = wait_for(settled, timeout_s, f"profiling; worker log:\n{self.log_tail()}")
+        assert fitted["state"] == "ready", fitted["error"]
+        return device, fitted
+
     def log_tail(self) -> str:
         return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
 

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from tests.workers.conftest import wait_for
-
 
 def test_wgates_latency_budget_job_through_the_service(redis_stack):
     c, h = redis_stack.client, redis_stack.headers
-    device = c.post("/v1/devices", headers=h, json={"name": "e2e"}).json()
-    predictor = c.post(f"/v1/devices/{device['id']}/profile", headers=h,
-                       json={"arch": "resnet20", "resolution": 16, "samples": 12}).json()
-
-    def ready():  # noqa: ANN202
-        rows = c.get(f"/v1/devices/{device['id']}/predictors", headers=h).json()
-        return next((p for p in rows if p["id"] == predictor["id"] and p["state"] in ("ready", "failed")), None)
-
-    fitted = wait_for(ready, 180, f"profiling; worker log:\n{redis_stack.log_tail()}")
-    assert fitted["state"] == "ready", fitted["error"]
+    device, fitted = redis_stack.profiled_device("e2e")
 
     bad = redis_stack.client.post("/v1/jobs", headers=h, json={
         "method": "wgates", "arch": "resnet20", "dataset": "synthetic:4x16", "params": {"gate_lr": -1},

@@ -83,16 +83,7 @@ def test_killed_worker_resumes_job(redis_stack):
 
 def test_profile_then_latency_budget_job(redis_stack, tmp_path):
     c, h = redis_stack.client, redis_stack.headers
-    device = c.post("/v1/devices", headers=h, json={"name": "e2e"}).json()
-    predictor = c.post(f"/v1/devices/{device['id']}/profile", headers=h,
-                       json={"arch": "resnet20", "resolution": 16, "samples": 12}).json()
-
-    def ready():  # noqa: ANN202
-        rows = c.get(f"/v1/devices/{device['id']}/predictors", headers=h).json()
-        return next((p for p in rows if p["id"] == predictor["id"] and p["state"] in ("ready", "failed")), None)
-
-    fitted = wait_for(ready, 120, f"profiling; worker log:\n{redis_stack.log_tail()}")
-    assert fitted["state"] == "ready", fitted["error"]
+    device, fitted = redis_stack.profiled_device("e2e", timeout_s=120)
     assert fitted["reference_ms"] > 0 and "test" in fitted["metrics"]
     assert c.get(f"/v1/devices/{device['id']}", headers=h).json()["fingerprint"]["threads"] == 1
 
