@@ -19,10 +19,11 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
 from service import routes_cohort, routes_devices, routes_jobs, routes_models, routes_results
+from service.auth import KeyCache, Principal
 from service.db import session_factory
 from service.deps import AppState, Dispatcher, KeyDep, get_admin_key
 from service.engine_info import known_archs, list_methods
-from service.models import JOB_STATES, ApiKey, Job
+from service.models import JOB_STATES, Job
 from service.schemas import MethodOut
 from service.settings import Settings, get_settings
 from service.storage import ArtifactStore
@@ -132,7 +133,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
     settings.ensure_dirs()
     sessions = session_factory(settings.database_url)
     state = AppState(settings=settings, sessions=sessions, store=ArtifactStore(settings.artifact_dir),
-                     dispatch=dispatch or celery_dispatcher(settings))
+                     dispatch=dispatch or celery_dispatcher(settings), keys=KeyCache(settings.auth_cache_s))
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
         # Ask the zoo for its architectures in the background now, not inside the first request.
@@ -166,7 +167,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
         return {"status": "ok", "database": "ok"}
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
-    async def metrics(_: Annotated[ApiKey, Depends(get_admin_key)]) -> Response:
+    async def metrics(_: Annotated[Principal, Depends(get_admin_key)]) -> Response:
         """Prometheus metrics (admin key: the job counts span all tenants)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

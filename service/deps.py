@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import AuthError, authenticate
-from service.models import ApiKey
+from service.auth import AuthError, KeyCache, Principal, authenticate_cached
 from service.settings import Settings
 from service.storage import ArtifactStore
 
@@ -26,6 +27,7 @@ class AppState:
     sessions: sessionmaker[Session]
     store: ArtifactStore
     dispatch: Dispatcher
+    keys: KeyCache
 
 
 def app_state(request: Request) -> AppState:
@@ -52,27 +54,25 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 async def get_key(
     request: Request,
-    session: Annotated[Session, Depends(get_session, scope="function")],
     authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
-) -> ApiKey:
+) -> Principal:
+    state = app_state(request)
     try:
-        key = authenticate(session, authorization)
+        key = authenticate_cached(state.keys, state.sessions, authorization)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-    finally:
-        session.commit()  # hand the connection back until the handler needs one
     request.state.tenant_id = key.tenant_id
     return key
 
 
-async def get_admin_key(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
+async def get_admin_key(key: Annotated[Principal, Depends(get_key)]) -> Principal:
     if not key.is_admin:
         raise HTTPException(403, "this endpoint needs an admin key (latprune admin create-key --admin)")
     return key
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-KeyDep = Annotated[ApiKey, Depends(get_key)]
+KeyDep = Annotated[Principal, Depends(get_key)]
 StateDep = Annotated[AppState, Depends(_state_dependency)]
 
 
@@ -81,9 +81,15 @@ def not_found(kind: str, ident: object) -> HTTPException:
     return HTTPException(404, f"{kind} {ident} not found")
 
 
+@cache
+def _owned_statement(entity: type) -> Select:
+    # Built once: Session.get builds its query anew on every call, which costs more than running it.
+    return select(entity).where(entity.id == bindparam("ident"), entity.tenant_id == bindparam("tenant_id"))
+
+
 def owned(session: Session, entity: type, tenant_id: int, ident: int, kind: str):  # noqa: ANN201
     """The row of `entity` with id `ident` if it belongs to the tenant, else 404 (also for another tenant's id)."""
-    row = session.get(entity, ident)
-    if row is None or row.tenant_id != tenant_id:
+    row = session.execute(_owned_statement(entity), {"ident": ident, "tenant_id": tenant_id}).scalar_one_or_none()
+    if row is None:
         raise not_found(kind, ident)
     return row

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * MIB, gt=0, description="largest accepted weights upload")
     max_body_bytes: int = Field(1 * MIB, gt=0, description="largest accepted JSON request body")
     visibility_timeout_s: int = Field(12 * 3600, gt=0, description="broker redelivery delay of unacked tasks")
+    auth_cache_s: float = Field(10.0, ge=0, description="an authenticated API key is remembered this long; a key "
+                                "revoked by another process (the CLI) stops working within it; 0: look up every "
+                                "request")
     max_attempts: int = Field(3, ge=1, description="a job whose worker dies this many times fails")
     progress_interval_s: float = Field(0.5, ge=0, description="least time between two stored progress events")
     cancel_check_interval_s: float = Field(1.0, ge=0, description="least time between two cancel-flag reads")

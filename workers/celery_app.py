@@ -9,6 +9,7 @@ from celery import Celery, bootsteps
 from kombu import Queue
 
 from service.settings import Settings, get_settings
+from workers.sqla_broker import transport_and_url
 
 PRUNE_TASK = "prune.run"
 PROFILE_TASK = "profile.run"
@@ -84,7 +85,8 @@ def sqlite_broker_options(broker_url: str) -> dict:
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (broker URL, queue names, visibility timeout)."""
-    app = Celery("latprune", broker=settings.broker_url, set_as_current=False, include=["workers.tasks"])
+    transport, broker_url = transport_and_url(settings.broker_url)
+    app = Celery("latprune", broker=broker_url, set_as_current=False, include=["workers.tasks"])
     # kombu's SQLAlchemy transport hands every transport option to create_engine() and has no visibility
     # timeout (unacked messages are restored when the worker shuts down); Redis redelivers after it.
     if settings.broker_url.startswith("sqla+sqlite"):
@@ -94,6 +96,7 @@ def make_celery(settings: Settings) -> Celery:
     else:
         transport_options = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
+        broker_transport=transport,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

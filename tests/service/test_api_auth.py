@@ -93,3 +93,41 @@ def test_metrics_needs_admin(env):
     text = env.client.get("/metrics", headers=env.key(admin=True)).text
     assert 'latprune_jobs{state="queued"}' in text
     assert 'latprune_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
+
+
+def test_key_cache_expires_and_is_cleared_by_revocation():
+    from service.auth import KeyCache, Principal, clear_key_caches
+
+    now = [0.0]
+    cache = KeyCache(ttl_s=10, max_keys=2, clock=lambda: now[0])
+    alice = Principal(key_id=1, tenant_id=1, is_admin=False)
+    cache.put("a", alice)
+    assert cache.get("a") == alice
+    now[0] = 10.0
+    assert cache.get("a") is None
+    cache.put("a", alice)
+    cache.put("b", alice)
+    cache.put("c", alice)  # over max_keys: the oldest goes
+    assert cache.get("a") is None and cache.get("c") == alice
+    clear_key_caches()
+    assert cache.get("c") is None
+    off = KeyCache(ttl_s=0)
+    off.put("a", alice)
+    assert off.get("a") is None
+
+
+def test_key_revoked_by_another_process_is_refused_once_the_cache_forgets_it(env):
+    from sqlalchemy import update
+
+    from service.auth import clear_key_caches
+    from service.models import utcnow
+
+    headers = env.key()
+    assert env.client.get("/v1/jobs", headers=headers).status_code == 200
+    key = headers["Authorization"].split()[1]
+    with session_scope(env.database_url) as s:  # as the CLI would, in its own process: no cache here hears of it
+        s.execute(update(ApiKey).where(ApiKey.key_hash == hash_key(key)).values(revoked_at=utcnow()))
+    assert env.client.get("/v1/jobs", headers=headers).status_code == 200  # cached for up to auth_cache_s
+    clear_key_caches()  # what the TTL does
+    r = env.client.get("/v1/jobs", headers=headers)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
