@@ -1,12 +1,14 @@
 """What the API needs to know about the engine, without importing torch into the API process.
 
 Architecture facts come from `python -m service.archspec` in a subprocess (cached for the process's
-life); method schemas and dataset-reference syntax come from torch-free engine modules, imported lazily.
+life), latency predictions for cohort members from `python -m workers.predict_members`; method schemas
+and dataset-reference syntax come from torch-free engine modules, imported lazily.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -32,6 +34,21 @@ def _run_archspec(args: list[str]) -> dict:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise RuntimeError(f"architecture lookup failed: {proc.stderr.strip()[-500:]}") from None
+
+
+def predict_member_latency(request: dict[str, Any]) -> dict[str, Any]:
+    """Predicted latency of cohort members on a device, from `python -m workers.predict_members` in a subprocess
+    (the request and answer are described there); RuntimeError if the subprocess fails."""
+    # One compute thread unless told otherwise: the prediction is small, and the API's cores serve requests.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.predict_members"], input=json.dumps(request), capture_output=True, text=True,
+        timeout=ARCHSPEC_TIMEOUT_S, cwd=str(Path(__file__).resolve().parent.parent), env=env,
+    )
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"latency prediction failed: {proc.stderr.strip()[-500:]}") from None
 
 
 def known_archs() -> dict[str, dict[str, Any]]:

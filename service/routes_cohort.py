@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from pruning.selection import pareto_front
 from service.deps import KeyDep, SessionDep, StateDep
+from service.engine_info import predict_member_latency
 from service.models import Device, Job, Subnet
 from service.routes_jobs import tenant_job
 from service.routes_results import MACS, _tenant_device, as_member
@@ -126,7 +127,8 @@ def predict_subnets(
     device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
 ) -> PredictOut:
     """Add the device's predicted latency to every member of a finished job (e.g. a device registered after the
-    job); uses the device's ready predictor for the job's architecture at each member's resolution."""
+    job); uses the device's ready predictor for the job's architecture at each member's resolution (evaluated in a
+    subprocess: the API process never loads torch)."""
     job = tenant_job(session, key.tenant_id, job_id)
     target = _tenant_device(session, key.tenant_id, device)
     if job.state != "succeeded":
@@ -135,7 +137,7 @@ def predict_subnets(
     counts = _keep_counts(job)
     if not subnets or not counts:
         raise HTTPException(409, f"job {job.id} has no record of its subnets' channel counts")
-    from workers.cohort_job import load_latency_model, ready_predictor
+    from workers.cohort_job import ready_predictor
 
     resolutions = sorted({s.resolution for s in subnets})
     predictors = {r: ready_predictor(session, target.id, job.arch, r) for r in resolutions}
@@ -144,30 +146,29 @@ def predict_subnets(
         raise HTTPException(409, f"device {target.name!r} has no ready latency predictor for {job.arch} at "
                                  f"{', '.join(map(str, missing))} px; profile it first: POST /v1/devices/"
                                  f"{target.id}/profile with arch {job.arch!r} and each resolution")
-    import torch
-
+    request = {"store": str(state.store.root), "device": {"name": target.name, "spec": target.spec},
+               "predictors": {str(r): {"id": p.id, "path": p.path} for r, p in predictors.items() if p is not None},
+               "members": [{"member": s.member, "resolution": s.resolution, "keep_counts": counts[s.member]}
+                           for s in subnets if s.member in counts and predictors[s.resolution] is not None]}
+    session.commit()  # hold no transaction while the subprocess loads torch and the predictors
+    try:
+        answer = predict_member_latency(request)
+    except RuntimeError as exc:
+        raise HTTPException(500, str(exc)) from None
+    if "error" in answer:
+        raise HTTPException(409, f"the predictor of device {target.name!r} at {answer['resolution']} px cannot be "
+                                 f"used: {answer['error']}")
     predicted = []
-    for resolution in resolutions:
-        if predictors[resolution] is None:
+    session.expire_all()  # rows may have changed while the subprocess ran (a re-measurement, say)
+    for subnet in _subnets(session, job):
+        ms = answer["predicted_ms"].get(str(subnet.member))
+        if ms is None:
             continue
-        try:
-            model = load_latency_model(state.store, target, predictors[resolution], resolution)
-        except ValueError as exc:
-            raise HTTPException(409, f"the predictor of device {target.name!r} at {resolution} px cannot be "
-                                     f"used: {exc}") from None
-        sizes = model.group_sizes
-        for subnet in (s for s in subnets if s.resolution == resolution):
-            member_counts = counts.get(subnet.member)
-            if member_counts is None or len(member_counts) != len(sizes):
-                continue
-            ratios = torch.tensor([c / s for c, s in zip(member_counts, sizes, strict=True)], dtype=torch.float32)
-            with torch.no_grad():
-                ms = float(model.predict_ms(ratios))
-            entry = dict((subnet.latency or {}).get(str(target.id)) or {})
-            # A new dict: the JSON column only notices reassignment.
-            subnet.latency = {**(subnet.latency or {}),
-                              str(target.id): {"predicted_ms": ms, "measured_ms": entry.get("measured_ms")}}
-            predicted.append(subnet.member)
+        entry = dict((subnet.latency or {}).get(str(target.id)) or {})
+        # A new dict: the JSON column only notices reassignment.
+        subnet.latency = {**(subnet.latency or {}),
+                          str(target.id): {"predicted_ms": ms, "measured_ms": entry.get("measured_ms")}}
+        predicted.append(subnet.member)
     session.commit()
     cohort = cohort_out(session, job)
     return PredictOut(**cohort.model_dump(), device_id=target.id, predicted=predicted, missing_resolutions=missing)
