@@ -248,20 +248,35 @@ def stack_env(settings) -> dict[str, str]:  # noqa: ANN001
             "LATPRUNE_DATA_ROOT": str(settings.data_root)}
 
 
+# OpenMP and MKL start one thread per core by default; the one-machine worker shares its cores with the API and
+# everything else on the machine, and oversubscribed training threads ran about 50x slower on a loaded 2-core box.
+WORKER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_env(settings) -> dict[str, str]:  # noqa: ANN001
+    """Environment of the one-machine worker: the stack's settings, every device queue, and one compute thread
+    unless the user chose a number (OMP_NUM_THREADS / MKL_NUM_THREADS)."""
+    env = {**stack_env(settings), "LATPRUNE_WORKER_ALL_DEVICE_QUEUES": "1"}
+    for name in WORKER_THREAD_VARIABLES:
+        if not env.get(name):
+            env[name] = "1"
+    return env
+
+
 def start_worker(settings, log_path: Path) -> subprocess.Popen:  # noqa: ANN001
     """One worker consuming the prune queue and every device's profile queue."""
-    env = {**stack_env(settings), "LATPRUNE_WORKER_ALL_DEVICE_QUEUES": "1"}
     log = open(log_path, "a")  # noqa: SIM115 - lives as long as the worker
     return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
                              settings.prune_queue, "--concurrency", "1", "--without-gossip", "--without-mingle",
-                             "-l", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "-l", "info"], env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_api(settings, log_path: Path) -> subprocess.Popen:  # noqa: ANN001
     """uvicorn serving service.app on the configured host and port."""
     log = open(log_path, "a")  # noqa: SIM115 - lives as long as the server
     return subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host",
-                             settings.host, "--port", str(settings.port), "--log-level", "warning"],
+                             settings.host, "--port", str(settings.port), "--log-level", "warning",
+                             "--no-access-log"],
                             env=stack_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -16,14 +16,38 @@ LATPRUNE = str(Path(sys.executable).parent / "latprune")
 
 
 def _start_up(home: Path, port: int, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "LATPRUNE_HOME": str(home), "LATPRUNE_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    for name in ("LATPRUNE_DATABASE_URL", "LATPRUNE_BROKER_URL", "LATPRUNE_API_KEY", "LATPRUNE_API_URL"):
+    env = {**os.environ, "LATPRUNE_HOME": str(home), "LATPRUNE_PORT": str(port)}
+    # Unset: `latprune up` itself must give its worker one compute thread.
+    for name in ("LATPRUNE_DATABASE_URL", "LATPRUNE_BROKER_URL", "LATPRUNE_API_KEY", "LATPRUNE_API_URL",
+                 "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.pop(name, None)
     with open(out, "w") as log:
         proc = subprocess.Popen([LATPRUNE, "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_for(lambda: "Ctrl-C" in out.read_text() or proc.poll() is not None, 90, "latprune up to start")
     assert proc.poll() is None, out.read_text()
     return proc
+
+
+def _worker_environ(up: subprocess.Popen) -> dict[str, str]:
+    """The environment of the Celery worker that `latprune up` started."""
+    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+            return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    raise AssertionError(f"no celery worker among the children {children} of latprune up")
+
+
+def test_worker_gets_one_thread_unless_the_user_chose(monkeypatch, tmp_path):
+    from service.cli_service import worker_env
+    from service.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    env = worker_env(settings)
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "3"
+    assert env["LATPRUNE_WORKER_ALL_DEVICE_QUEUES"] == "1" and env["LATPRUNE_HOME"] == str(tmp_path)
 
 
 def _stop(proc: subprocess.Popen, out: Path) -> None:
@@ -39,6 +63,8 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
     out = tmp_path / "up.out"
     proc = _start_up(tmp_path, port, out)
     try:
+        worker_environ = _worker_environ(proc)
+        assert worker_environ["OMP_NUM_THREADS"] == "1" and worker_environ["MKL_NUM_THREADS"] == "1"
         text = out.read_text()
         saved = load_client_config(tmp_path)
         assert saved["url"] == f"http://127.0.0.1:{port}" and saved["api_key"] in text.replace("\n", "")
