@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,13 @@ class Stack:
     headers: dict[str, str]
     worker: subprocess.Popen
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    queues: str = "prune"
+
+    def start_new_worker(self) -> None:
+        """A fresh worker process (same environment and queues) in place of the current one, which must be gone."""
+        assert self.worker.poll() is not None
+        self.worker = start_worker(self.env, self.queues, self.log_path)
 
     def submit(self, **changes) -> dict:
         r = self.client.post("/v1/jobs", headers=self.headers, json={**TINY_JOB, **changes})
@@ -117,12 +124,15 @@ def make_stack(home: Path, database_url: str, broker_url: str, queues: str,
     with session_scope(database_url) as session:
         key, _ = create_key(session, f"w-{secrets.token_hex(3)}")
     log_path = home / "worker.log"
-    worker = start_worker(env, queues, log_path)
     try:
         with TestClient(create_app(settings)) as client:
-            yield Stack(client, settings, {"Authorization": f"Bearer {key}"}, worker, log_path)
+            stack = Stack(client, settings, {"Authorization": f"Bearer {key}"}, start_worker(env, queues, log_path),
+                          log_path, env, queues)
+            try:
+                yield stack
+            finally:
+                stop_worker(stack.worker)  # the one running now (a test may have started another)
     finally:
-        stop_worker(worker)
         dispose_engines()
 
 
