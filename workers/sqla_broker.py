@@ -43,7 +43,12 @@ class Transport(kombu_sqla.Transport):
 
 
 def transport_and_url(broker_url: str) -> tuple[type | None, str]:
-    """(transport class, URL for kombu) of a broker URL: `sqla+<database URL>` selects this transport."""
-    if broker_url.startswith(URL_PREFIX):
-        return Transport, broker_url.removeprefix(URL_PREFIX)
+    """(transport class, URL for kombu) of a broker URL: `sqla+<database URL>` selects this transport.
+
+    Not when the database URL names a driver (`sqla+postgresql+psycopg://`): kombu would split that URL again at
+    its `+`, so those keep kombu's own transport and URL.
+    """
+    database_url = broker_url.removeprefix(URL_PREFIX)
+    if broker_url.startswith(URL_PREFIX) and "+" not in database_url.split("://", 1)[0]:
+        return Transport, database_url
     return None, broker_url
