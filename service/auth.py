@@ -116,12 +116,7 @@ def bearer_digest(authorization: str | None) -> str:
     return hash_key(key)
 
 
-def authenticate(session: Session, authorization: str | None) -> ApiKey:
-    """The key row named by an `Authorization: Bearer <key>` header, or AuthError."""
-    return lookup_key(session, bearer_digest(authorization))
-
-
-def authenticate_cached(cache: KeyCache, sessions: Callable[[], Session], authorization: str | None) -> Principal:
+def authenticate(cache: KeyCache, sessions: Callable[[], Session], authorization: str | None) -> Principal:
     """The caller of an `Authorization` header, from `cache` or else looked up in a short session of its own."""
     digest = bearer_digest(authorization)
     principal = cache.get(digest)

@@ -11,7 +11,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import AuthError, KeyCache, Principal, authenticate_cached
+from service.auth import AuthError, KeyCache, Principal, authenticate
 from service.settings import Settings
 from service.storage import ArtifactStore
 
@@ -58,7 +58,7 @@ async def get_key(
 ) -> Principal:
     state = app_state(request)
     try:
-        key = authenticate_cached(state.keys, state.sessions, authorization)
+        key = authenticate(state.keys, state.sessions, authorization)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     request.state.tenant_id = key.tenant_id
