@@ -99,6 +99,47 @@ def materialize(model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torc
     return pruned
 
 
+@torch.no_grad()
+def slice_indices(model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
+                  compact: nn.Module | None = None) -> dict[str, list[torch.Tensor | None]]:
+    """Per parameter of materialize(model, graph, keep_masks) (or `compact`, that result): the indices it keeps
+    along each dim (None: all)."""
+    full = dict(model.named_parameters())
+    compact = materialize(model, graph, keep_masks) if compact is None else compact
+    shapes = {name: p.shape for name, p in compact.named_parameters()}
+    if set(shapes) != set(full):
+        raise ValueError("materialize renamed or dropped parameters; cannot map them onto the full network")
+    out: dict[str, list[torch.Tensor | None]] = {name: [None] * len(shape) for name, shape in shapes.items()}
+    cut = {(name, d) for name, shape in shapes.items() for d in range(len(shape)) if shape[d] != full[name].shape[d]}
+    # Read the kept indices off materialize itself (every parameter holding its own index along dim d), so the map
+    # follows whatever the dependency graph prunes instead of re-deriving it.
+    for d in sorted({d for _, d in cut}):
+        coded = copy.deepcopy(model).cpu().float()  # channel indices are exact in float32
+        for p in coded.parameters():
+            if p.dim() > d:
+                view = [1] * p.dim()
+                view[d] = -1
+                p.copy_(torch.arange(p.shape[d], dtype=p.dtype).view(view).expand_as(p))
+        sliced = dict(materialize(coded, graph, keep_masks).named_parameters())
+        for name, shape in shapes.items():
+            if (name, d) in cut:
+                out[name][d] = sliced[name].movedim(d, 0).reshape(shape[d], -1)[:, 0].round().long()
+    return out
+
+
+def gather_params(params: Mapping[str, torch.Tensor],
+                  indices: Mapping[str, Sequence[torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """The compact network's parameters as differentiable slices of the full network's (see slice_indices)."""
+    out = {}
+    for name, index in indices.items():
+        p = params[name]
+        for d, keep in enumerate(index):
+            if keep is not None:
+                p = p.index_select(d, keep if keep.device == p.device else keep.to(p.device))
+        out[name] = p
+    return out
+
+
 def round_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int) -> list[int]:
     """Round every kept count to the nearest multiple of `multiple`, staying within [multiple, size]."""
     if multiple <= 1:

@@ -4,13 +4,16 @@ Stage 1 (structure search) trains with an L1 penalty on BN gammas; at every epoc
 member gets a mask from one global gamma threshold, bisected so the member's cost at its resolution fits its
 budget. The search stops once the masks stop moving (early bird). Stage 2 trains the shared weights with the
 sandwich rule: every step the full network (task loss), the smallest member and K sampled members, these
-distilled in place from the full network's outputs. pruning.cohort materializes, recalibrates and exports them.
+distilled in place from the full network's outputs. Members train as compact networks whose weights are slices of
+the shared ones (not as masked full-width networks), so a step costs what its members cost. pruning.cohort
+materializes, recalibrates and exports them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from pruning import zoo
@@ -27,7 +31,7 @@ from pruning.cost import CostModel
 from pruning.groups import ChannelGraph
 from pruning.importance import group_bn_gammas
 from pruning.registry import OFAParams
-from pruning.surgery import channel_scales, masks_from_counts, round_counts
+from pruning.surgery import gather_params, masks_from_counts, materialize, round_counts, slice_indices
 from pruning.train import Cancelled, train
 
 SEARCH_STATE = "search_state.json"
@@ -198,7 +202,7 @@ def search_structures(ctx: OFAContext) -> tuple[list[Masks], dict[str, Any]]:
     def sparsity_loss(_model: nn.Module) -> torch.Tensor:
         return params.sparsity * sum(n.weight.abs().sum() for n in norms)
 
-    result = None
+    result, started = None, time.monotonic()
     if ctx.search_epochs > 0:
         try:
             result = train(ctx.model, ctx.train_loader, ctx.search_epochs, lr=ctx.lr, device=ctx.device,
@@ -213,7 +217,8 @@ def search_structures(ctx: OFAContext) -> tuple[list[Masks], dict[str, Any]]:
     structures = derive_masks(group_bn_gammas(ctx.model, base_graph), ctx.budget_costs, params.round_to)
     epochs_run = stopped["epoch"] if stopped["epoch"] is not None else ctx.search_epochs
     info = {"max_epochs": ctx.search_epochs, "epochs_run": epochs_run, "early_bird_epoch": stopped["epoch"],
-            "similarities": similarities(), "final_loss": result.final_loss if result else None}
+            "similarities": similarities(), "final_loss": result.final_loss if result else None,
+            "seconds": round(time.monotonic() - started, 2)}
     return structures, info
 
 
@@ -243,12 +248,35 @@ def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrinking)
 
 
+class SlicedSubnet:
+    """A member trained through the shared weights: its compact module runs on slices gathered from them.
+
+    Outputs and gradients equal the masked full network's (channel_scales), but the convolutions run at the
+    member's width, so a step costs about the member's MACs instead of the full network's.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, masks: Masks):
+        self.module = materialize(model, graph, masks).train()
+        self.indices = slice_indices(model, graph, masks, self.module)
+        # Only the structure and the BN buffers are used: the weights always come from the shared network.
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, shared: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        buffer = next(self.module.buffers(), None)
+        if buffer is not None and buffer.device != x.device:
+            self.module.to(x.device)
+            self.indices = {n: [None if i is None else i.to(x.device) for i in idx] for n, idx in self.indices.items()}
+        self.module.train()
+        return functional_call(self.module, gather_params(shared, self.indices), (x,), strict=False)
+
+
 class SandwichNet(nn.Module):
     """The shared network; in training its forward runs the sandwich and leaves the distillation loss pending.
 
     Candidates are (masks or None for the full width, resolution). The forward returns the teacher's (largest
     candidate's) logits, on which train() computes the task loss; `take_distillation()` hands train() the other
-    candidates' KL to the teacher's softened outputs.
+    candidates' KL to the teacher's softened outputs. Masked candidates run as SlicedSubnets.
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, candidates: Sequence[tuple[Masks | None, int]],
@@ -258,7 +286,9 @@ class SandwichNet(nn.Module):
             raise ValueError("one cost per candidate")
         self.model = model
         self.graph = graph
-        self.candidates = [(None if m is None else [x.float() for x in m], r) for m, r in candidates]
+        self.resolutions = [r for _, r in candidates]
+        # A plain list, not a ModuleList: the subnets' own tensors must stay out of the optimizer and checkpoints.
+        self.subnets = [None if m is None else SlicedSubnet(model, graph, m) for m, _ in candidates]
         self.costs = list(costs)
         self.sampled = sampled
         self.temperature = temperature
@@ -267,12 +297,11 @@ class SandwichNet(nn.Module):
 
     def run(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of candidate `index` on batch `x` (resized to the candidate's resolution)."""
-        masks, resolution = self.candidates[index]
-        x = resize(x, resolution)
-        if masks is None:
+        x = resize(x, self.resolutions[index])
+        subnet = self.subnets[index]
+        if subnet is None:
             return self.model(x)
-        with channel_scales(self.model, self.graph, masks):
-            return self.model(x)
+        return subnet(dict(self.model.named_parameters()), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -281,9 +310,16 @@ class SandwichNet(nn.Module):
         self.last_plan = plan
         teacher = self.run(plan[0], x)
         soft = F.softmax(teacher.detach() / self.temperature, dim=1)
+        shared = dict(self.model.named_parameters())
+        resized: dict[int, torch.Tensor] = {}
         loss = teacher.new_zeros(())
         for index in plan[1:]:
-            student = F.log_softmax(self.run(index, x) / self.temperature, dim=1)
+            resolution = self.resolutions[index]
+            if resolution not in resized:
+                resized[resolution] = resize(x, resolution)
+            subnet = self.subnets[index]
+            logits = self.model(resized[resolution]) if subnet is None else subnet(shared, resized[resolution])
+            student = F.log_softmax(logits / self.temperature, dim=1)
             loss = loss + F.kl_div(student, soft, reduction="batchmean") * self.temperature ** 2
         self.pending = loss
         return teacher
@@ -296,6 +332,7 @@ class SandwichNet(nn.Module):
 
 def joint_train(ctx: OFAContext, structures: Sequence[Masks]) -> dict[str, Any]:
     """Stage 2: sandwich-rule training of the shared weights with in-place distillation."""
+    started = time.monotonic()
     cost_models = ctx.cost_models
     candidates: list[tuple[Masks | None, int]] = [(None, ctx.train_resolution)]
     costs = [float(cost_models[ctx.train_resolution].dense_macs)]
@@ -312,7 +349,7 @@ def joint_train(ctx: OFAContext, structures: Sequence[Masks]) -> dict[str, Any]:
                    checkpoint_dir=ckpt / "joint" if ckpt else None, stage="joint",
                    extra_loss=net.take_distillation, seed=ctx.seed)
     return {"epochs": ctx.joint_epochs, "steps": result.steps, "final_loss": result.final_loss,
-            "sampled_members": ctx.params.sampled_members}
+            "sampled_members": ctx.params.sampled_members, "seconds": round(time.monotonic() - started, 2)}
 
 
 # ---- the method -------------------------------------------------------------------------------------------------

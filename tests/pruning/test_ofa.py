@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 
+from pruning import surgery
 from pruning.budget import Budget, BudgetCost
 from pruning.cohort import plan_cohort
 from pruning.importance import group_bn_gammas
@@ -145,6 +146,45 @@ def test_sandwich_forward_trains_teacher_and_leaves_distillation_pending():
     assert net_model.conv1.weight.grad is not None
     net.eval()
     assert torch.equal(net(x), net_model.eval()(x))
+
+
+def test_sliced_subnet_trains_like_the_masked_full_network():
+    model, graphs, costs = _graphs((32, 24))
+    graph = graphs[32]
+    scores = group_bn_gammas(model, graph)
+    masks = ofa.derive_masks(scores, [BudgetCost(Budget("macs", 0.3 * costs[32].dense_macs), costs[32])])[0]
+    masked_model, sliced_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    x = torch.randn(6, 3, 24, 24)  # a member's resolution need not be the graph's
+    with channel_scales(masked_model, graph, [m.float() for m in masks]):
+        expected = masked_model(x)
+    expected.pow(2).sum().backward()
+    subnet = ofa.SlicedSubnet(sliced_model, graph, masks)
+    out = subnet(dict(sliced_model.named_parameters()), x)
+    out.pow(2).sum().backward()
+    assert (out - expected).abs().max().item() <= 1e-4  # training mode: batch statistics per kept channel
+    for (name, a), b in zip(masked_model.named_parameters(), sliced_model.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+    # The compact network really is smaller, and only the shared network holds trainable weights.
+    assert sum(p.numel() for p in subnet.module.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    assert not any(p.requires_grad for p in subnet.module.parameters())
+
+
+def test_slice_indices_follow_the_masks():
+    model, graphs, _ = _graphs((32, 24))
+    graph = graphs[32]
+    masks = [torch.ones(s, dtype=torch.bool) for s in graph.sizes]
+    assert all(i is None for idx in surgery.slice_indices(model, graph, masks).values() for i in idx)
+    group = graph.groups[0]
+    masks[0] = torch.zeros(group.size, dtype=torch.bool)
+    masks[0][[1, 4, 5]] = True
+    indices = surgery.slice_indices(model, graph, masks)
+    root = indices[f"{group.root}.weight"]
+    assert root[0].tolist() == [1, 4, 5] and root[1:] == [None] * (len(root) - 1)
+    consumers = [n for n, idx in indices.items() if len(idx) > 1 and idx[1] is not None]
+    assert consumers and all(indices[n][1].tolist() == [1, 4, 5] for n in consumers)
+    compact = materialize(model, graph, masks)
+    gathered = surgery.gather_params(dict(model.named_parameters()), indices)
+    assert all(torch.equal(gathered[n], p) for n, p in compact.named_parameters())
 
 
 def test_resize_changes_only_spatial_size():
