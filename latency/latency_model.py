@@ -47,19 +47,26 @@ class LatencyModel:
         """Predicted latency in ms; [G] -> scalar, [B, G] -> [B]; gradients flow to the keep ratios."""
         return self.predict_ratio(keep_ratios) * self.reference_ms
 
-    def _torch_model(self, onnx_path: Path, model):
+    def _torch_model(self, onnx_path: Path, model):  # noqa: ANN001, ANN202 - nn.Module in, (nn.Module, int) out
+        """The model to time and, when it is rebuilt from arch.json, the resolution that was exported at."""
         if model is not None:
-            return model
+            return model, None
         from pruning import zoo
 
         arch_path = onnx_path.with_name("arch.json")
         if not arch_path.exists():
             raise ValueError(f"device {self.spec.name!r} runs torch: pass the model, or put arch.json next to "
                              f"{onnx_path.name}")
-        return zoo.rebuild(zoo.load_arch(arch_path))
+        arch = zoo.load_arch(arch_path)
+        return zoo.rebuild(arch), (int(arch["resolution"]) if arch.get("resolution") else None)
 
-    def measure_ms(self, onnx_path: str | Path, model=None) -> float:
-        """Median latency (ms) of the model on this device, timed robustly (warm-up, blocks, re-measure)."""
+    def measure_ms(self, onnx_path: str | Path, model=None, resolution: int | None = None) -> float:
+        """Median latency (ms) of the model on this device, timed robustly (warm-up, blocks, re-measure).
+
+        onnxruntime times the ONNX file at its own input shape. The torch runtime feeds `resolution` px inputs:
+        given, else that of the arch.json next to the file when the model is rebuilt from it, else this
+        predictor's (a cohort's members each run at their own resolution, whatever the predictor's).
+        """
         onnx_path = Path(onnx_path)
         with torch_threads(self.spec.threads):
             if self.spec.runtime == "onnxruntime":
@@ -67,9 +74,10 @@ class LatencyModel:
                     raise ValueError(f"no ONNX file {onnx_path}")
                 run = OnnxRuntimeRunner(onnx_path, self.spec)
             else:
-                net = self._torch_model(onnx_path, model)
+                net, saved = self._torch_model(onnx_path, model)
                 in_channels = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-                run = TorchRunner(net, self.spec, input_shape(self.spec, in_channels, self.resolution))
+                size = int(resolution or saved or self.resolution)
+                run = TorchRunner(net, self.spec, input_shape(self.spec, in_channels, size))
             return measure(run, self.plan).sample.median_ms
 
     def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:

@@ -16,8 +16,9 @@ class DeviceLatency(PredictOnly):
     afterwards by a task on the device's own queue (profile.measure).
     """
 
-    def measure_ms(self, onnx_path: str | Path) -> float:
-        return self.model.measure_ms(onnx_path)
+    def measure_ms(self, onnx_path: str | Path, resolution: int | None = None) -> float:
+        """Latency of the exported model here; `resolution` feeds a torch runtime (see LatencyModel.measure_ms)."""
+        return self.model.measure_ms(onnx_path, resolution=resolution)
 
 
 def load_device_latency(store: ArtifactStore, device: Device, predictor: Predictor) -> PredictOnly:

@@ -139,7 +139,9 @@ def run_measure(settings: Settings, job_id: int, device_id: int) -> str:
         model = load_device_latency(store, device, predictor).model
         for subnet in subnets:
             if subnet.id in onnx:
-                measured[subnet.id] = float(model.measure_ms(store.resolve(onnx[subnet.id])))
+                # Each subnet at its own resolution (a cohort's differ from each other and from the predictor's).
+                measured[subnet.id] = float(model.measure_ms(store.resolve(onnx[subnet.id]),
+                                                             resolution=subnet.resolution))
     except Exception as exc:  # noqa: BLE001 - the job keeps its results; the failure is reported with them
         log.exception("re-measuring job %s on device %s failed", job_id, device_id)
         error = f"re-measuring on device {device.name!r} failed: {exc}"

@@ -53,6 +53,18 @@ def job_resolution(request: dict[str, Any]) -> int:
     return int(request.get("resolution") or parse_dataset_ref(request["dataset"]).resolution or DEFAULT_RESOLUTION)
 
 
+def job_resolutions(request: dict[str, Any]) -> list[int]:
+    """Every input resolution the job's subnets run at: a cohort's own list, else the job's resolution."""
+    from pruning.registry import get_method
+
+    method = get_method(request["method"])
+    if method.produces_cohort:
+        resolutions = method.validate_params(request.get("params") or {}).resolutions
+        if resolutions:
+            return sorted({int(r) for r in resolutions})
+    return [job_resolution(request)]
+
+
 def finish(session: Session, job: Job, state: str, error: str | None = None) -> None:
     """Put the job in a terminal state and record it as an event."""
     job.state, job.finished_at = state, utcnow()
@@ -89,6 +101,7 @@ def _start(session: Session, settings: Settings, job_id: int, follow_ups: list) 
     request = dict(job.request)
     try:
         resolution = job_resolution(request)
+        resolutions = job_resolutions(request)
     except ValueError as exc:
         finish(session, job, "failed", str(exc))
         return None
@@ -98,15 +111,21 @@ def _start(session: Session, settings: Settings, job_id: int, follow_ups: list) 
         if device is None:
             finish(session, job, "failed", "the latency budget's device was deleted")
             return None
-        predictor, waiting_reason = _predictor_for(session, settings, device, job.arch, resolution, follow_ups)
-        if predictor is None:
+        # A cohort fits its budget at every resolution it has: the device needs a predictor at each (all profiled
+        # at once, so the job waits for the slowest rather than for each in turn).
+        found = {}
+        for r in resolutions:
+            found[r], waiting_reason = _predictor_for(session, settings, device, job.arch, r, follow_ups)
             if waiting_reason:
                 finish(session, job, "failed", waiting_reason)
-            else:
-                job.stage = AWAITING_PREDICTOR
-                session.add(JobEvent(job_id=job.id, kind="state", data={"state": "queued",
-                                                                        "stage": AWAITING_PREDICTOR}))
+                return None
+        if any(p is None for p in found.values()):
+            job.stage = AWAITING_PREDICTOR
+            missing = [r for r, p in found.items() if p is None]
+            session.add(JobEvent(job_id=job.id, kind="state", data={"state": "queued", "stage": AWAITING_PREDICTOR,
+                                                                    "resolutions": missing}))
             return None
+        predictor = found.get(resolution) or found[resolutions[0]]
     job.attempts += 1
     if job.attempts > settings.max_attempts:
         finish(session, job, "failed", f"the worker running this job was lost {job.attempts - 1} times "

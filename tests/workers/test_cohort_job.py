@@ -150,3 +150,132 @@ def test_an_ofa_job_runs_end_to_end_in_the_worker(tmp_path):
         assert [m["id"] for m in job.report["members"]] == [0, 1, 2, 3] and job.progress == 1.0
         assert {sub.resolution for sub in s.scalars(select(Subnet))} == {16, 12}
     dispose_engines()
+
+
+def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
+    """LatencyModel.measure_ms without timing: the 'latency' is the input's side length, shapes are recorded."""
+    import types
+
+    import latency.latency_model as latency_model
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Runner:
+        def __init__(self, model, spec, shape):  # noqa: ANN001
+            self.shape = tuple(shape)
+            shapes.append(self.shape)
+
+    monkeypatch.setattr(latency_model, "TorchRunner", Runner)
+    monkeypatch.setattr(latency_model, "measure", lambda run, plan: types.SimpleNamespace(
+        sample=types.SimpleNamespace(median_ms=float(run.shape[-1]))))
+    return shapes
+
+
+def test_latency_cohort_waits_for_a_predictor_at_every_resolution(tmp_path, monkeypatch):
+    from service.settings import Settings
+    from workers.profile_job import run_measure, run_profile
+    from workers.prune_job import AWAITING_PREDICTOR, run_job
+
+    settings = Settings(home=tmp_path, broker_url="memory://", auto_profile_samples=12, progress_interval_s=0)
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        _, key = create_key(s, "latency-cohort")
+        device = Device(tenant_id=key.tenant_id, name="cpu", spec={"name": "cpu", "runtime": "torch"},
+                        queue="profile.cpu")
+        s.add(device)
+        s.flush()
+        params = {**PARAMS, "budgets": [1000.0, 500.0]}  # ms: every member fits
+        budget = {"kind": "latency_ms", "value": 1000.0, "device_id": device.id}
+        request = {"method": "ofa", "arch": "resnet20", "dataset": "synthetic:4x16", "epochs": 1,
+                   "finetune_epochs": 1, "batch_size": 32, "params": params, "seed": 0, "budget": budget}
+        job = Job(tenant_id=key.tenant_id, method="ofa", arch="resnet20", dataset="synthetic:4x16",
+                  budget_kind="latency_ms", budget_value=1000.0, budget_device_id=device.id, epochs=1,
+                  params=params, request=request, request_hash="x")
+        s.add(job)
+        s.flush()
+        job_id, device_id = job.id, device.id
+    sent: list = []
+    assert run_job(settings, job_id, lambda *a: sent.append(a)) == "queued"
+    assert [(task, queue) for task, _, queue in sent] == [("profile.run", "profile.cpu")] * 2
+    with session_scope(settings.database_url) as s:
+        by_resolution = {p.resolution: p.id for p in s.scalars(select(Predictor))}
+    assert sorted(by_resolution) == [12, 16]
+
+    # One resolution ready is not enough: the job goes back to waiting and nothing is profiled twice.
+    assert run_profile(settings, by_resolution[16], lambda *a: sent.append(a)) == "ready"
+    assert sent[-1] == ("prune.run", [job_id], "prune")
+    assert run_job(settings, job_id, lambda *a: sent.append(a)) == "queued"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.stage == AWAITING_PREDICTOR and job.attempts == 0
+    assert sum(task == "profile.run" for task, _, _ in sent) == 2
+
+    assert run_profile(settings, by_resolution[12], lambda *a: sent.append(a)) == "ready"
+    state = run_job(settings, job_id, lambda *a: sent.append(a))
+    with session_scope(settings.database_url) as s:
+        assert state == "running", s.get(Job, job_id).error
+    assert sent[-1] == ("profile.measure", [job_id, device_id], "profile.cpu")
+    with session_scope(settings.database_url) as s:
+        subnets = s.scalars(select(Subnet).where(Subnet.job_id == job_id)).all()
+        assert {sub.resolution for sub in subnets} == {16, 12} and len(subnets) == 4
+        assert all(sub.latency[str(device_id)]["predicted_ms"] > 0 for sub in subnets)
+
+    shapes = _measure_stub(monkeypatch)
+    assert run_measure(settings, job_id, device_id) == "succeeded"
+    assert sorted(shape[-1] for shape in shapes) == [12, 12, 16, 16]
+    with session_scope(settings.database_url) as s:
+        assert s.get(Job, job_id).state == "succeeded"
+        for sub in s.scalars(select(Subnet).where(Subnet.job_id == job_id)):
+            assert sub.latency[str(device_id)]["measured_ms"] == sub.resolution
+    dispose_engines()
+
+
+def test_remeasure_on_a_torch_device_runs_each_subnet_at_its_own_resolution(tmp_path, monkeypatch):
+    from pruning import zoo
+    from pruning.surgery import export_onnx
+    from service.settings import Settings
+    from workers.profile_job import run_measure
+    from workers.prune_job import MEASURING
+
+    settings = Settings(home=tmp_path / "home", broker_url="memory://", progress_interval_s=0)
+    upgrade(settings.database_url)
+    store = ArtifactStore(settings.artifact_dir)
+    model = zoo.build_model("resnet20", 4, 3).eval()
+    with session_scope(settings.database_url) as s:
+        _, key = create_key(s, "torch-device")
+        device = Device(tenant_id=key.tenant_id, name="gpu-ish", spec={"name": "gpu-ish", "runtime": "torch"},
+                        queue="profile.gpu-ish")
+        s.add(device)
+        s.flush()
+        save_random_predictor(store, "predictors/torch-16", "gpu-ish", [16])  # the predictor knows 16 px only
+        s.add(Predictor(device_id=device.id, arch="resnet20", resolution=16, samples_requested=10, state="ready",
+                        path="predictors/torch-16"))
+        job = Job(tenant_id=key.tenant_id, method="ofa", arch="resnet20", dataset="synthetic:4x16",
+                  budget_kind="latency_ms", budget_value=5.0, budget_device_id=device.id, epochs=1, params=PARAMS,
+                  request={}, request_hash="x", state="running", stage=MEASURING)
+        s.add(job)
+        s.flush()
+        for member, resolution in enumerate((16, 12, 8)):
+            folder = store.resolve(f"members/{member}")
+            folder.mkdir(parents=True)
+            # arch.json says nothing about the resolution: only the subnet row does.
+            arch = {k: v for k, v in zoo.describe(model, "resnet20", 4, 3, resolution).items() if k != "resolution"}
+            zoo.save_arch(arch, folder / "arch.json")
+            export_onnx(model, folder / "model.onnx", (1, 3, resolution, resolution))
+            subnet = Subnet(job_id=job.id, member=member, resolution=resolution, macs=1, params=1, accuracy=0.5,
+                            arch_json=arch, widths={}, latency={})
+            s.add(subnet)
+            s.flush()
+            for fmt, name in (("onnx", "model.onnx"), ("arch", "arch.json")):
+                s.add(Artifact(subnet_id=subnet.id, format=fmt, path=f"members/{member}/{name}", sha256="-",
+                               size_bytes=1))
+        job_id, device_id = job.id, device.id
+    shapes = _measure_stub(monkeypatch)
+    assert run_measure(settings, job_id, device_id) == "succeeded"
+    assert sorted(shape[-1] for shape in shapes) == [8, 12, 16]
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == "succeeded" and not (job.report or {}).get("measure_error")
+        for sub in s.scalars(select(Subnet).where(Subnet.job_id == job_id)):
+            assert sub.latency[str(device_id)]["measured_ms"] == sub.resolution
+    dispose_engines()
