@@ -198,6 +198,31 @@ def round_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tenso
     return [m.clone().bool() for m in keep_masks]
 
 
+def between_masks(scores: Sequence[torch.Tensor], start: Sequence[torch.Tensor], end: Sequence[torch.Tensor],
+                  share: float, multiple: int = 1) -> Masks:
+    """Masks `share` (0..1) of the way from `start` to `end` in kept counts per group: channels both keep come
+    first, then those one of them keeps, each by score; counts rounded to `multiple` where that stays between."""
+    out = []
+    share = min(max(float(share), 0.0), 1.0)
+    for score, a, b in zip(scores, start, end, strict=True):
+        lo_count, hi_count = sorted((int(a.sum()), int(b.sum())))
+        count = int(a.sum()) + share * (int(b.sum()) - int(a.sum()))
+        rounded = multiple * math.floor(count / multiple + 0.5)
+        count = rounded if multiple > 1 and lo_count <= rounded <= hi_count else math.floor(count + 0.5)
+        # Rank by membership (kept by both > by one > by neither), ties by score.
+        values = score.detach().float()
+        spread = float(values.max() - values.min()) + 1.0
+        rank = values - values.min() + spread * (a.bool().float() + b.bool().float())
+        mask = torch.zeros(len(score), dtype=torch.bool)
+        mask[torch.topk(rank, max(1, int(count))).indices] = True
+        out.append(mask)
+    return out
+
+
+def _tried(candidate: Masks, states: Sequence[tuple[Masks, float, float]]) -> bool:
+    return any(_counts(candidate) == _counts(st[0]) for st in states)
+
+
 @dataclass
 class LatencyFit:
     """What the measured-latency finisher did: final masks, every measurement, channels trimmed/added."""
@@ -237,7 +262,9 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
 
     The aim is the predicted cost scaled by target/measured, or, once one measured configuration is within the
     limit and one over it, the secant between them (the predictor's error changes with the configuration, so
-    scaling alone can jump back and forth). The result is the slowest measured configuration within the limit
+    scaling alone can jump back and forth); where the predictor's aim gives nothing new inside such a bracket,
+    kept counts are interpolated between its two measured ends. The result is the slowest measured configuration
+    within the limit
     (the fastest one if none is). With `round_to` > 1, kept counts are rounded to that multiple first, but only
     if the rounded model measures faster than the unrounded one.
     """
@@ -294,7 +321,14 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             candidate, _ = grow_masks(scores, base, fits_aim, normalize)
         if fit.rounding_applied:
             candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
-        if any(_counts(candidate) == _counts(st[0]) for st in states):
+        if _tried(candidate, states) and feasible and too_slow:
+            # The predictor cannot tell the bracket's inside apart (it is not monotone in every channel):
+            # step between the two measured ends in channel counts instead.
+            lo = max(feasible, key=lambda st: st[2])
+            hi = min(too_slow, key=lambda st: st[2])
+            share = (target - lo[2]) / max(hi[2] - lo[2], 1e-12)
+            candidate = between_masks(scores, lo[0], hi[0], share, round_to if fit.rounding_applied else 1)
+        if _tried(candidate, states):
             break  # nothing new to try
         fit.rounds += 1
         masks = candidate
