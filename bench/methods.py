@@ -221,20 +221,24 @@ def table(rows: list[Row], dense_ms: dict[str, float]) -> list[str]:
     return lines
 
 
-def comparisons(rows: list[Row], method: str = "wgates") -> list[str]:
-    """Markdown table: `method`'s accuracy minus every other method's, paired by seed (same dense model)."""
-    others = sorted({r.method for r in rows} - {method})
-    lines = ["| arch | budget | " + " | ".join(f"{method} - {o} (points)" for o in others) + " |",
-             "|---|---|" + "---|" * len(others)]
+def comparisons(rows: list[Row]) -> list[str]:
+    """Markdown table: each wgates variant's accuracy minus every other method's, paired by seed (same dense
+    model)."""
+    methods = {r.method for r in rows}
+    ours = sorted(m for m in methods if m.startswith("wgates"))
+    others = sorted(methods - set(ours))
+    lines = ["| arch | budget | variant | " + " | ".join(f"minus {o} (points)" for o in others) + " |",
+             "|---|---|---|" + "---|" * len(others)]
     for arch, fraction in sorted({(r.arch, r.budget) for r in rows}, key=lambda k: (k[0], -k[1])):
         by = {(r.method, r.seed): r for r in rows if (r.arch, r.budget) == (arch, fraction)}
-        cells = []
-        for other in others:
-            gaps = [by[method, seed].accuracy - by[other, seed].accuracy for m, seed in by
-                    if m == other and (method, seed) in by]
-            wins = sum(g >= 0 for g in gaps)
-            cells.append(f"{spread(gaps, 100, 2)} ({wins}/{len(gaps)} seeds >= 0)" if gaps else "-")
-        lines.append(f"| {arch} | {fraction:.0%} | " + " | ".join(cells) + " |")
+        for method in ours:
+            cells = []
+            for other in others:
+                gaps = [by[method, seed].accuracy - by[other, seed].accuracy for m, seed in by
+                        if m == other and (method, seed) in by]
+                wins = sum(g >= 0 for g in gaps)
+                cells.append(f"{spread(gaps, 100, 2)} ({wins}/{len(gaps)} seeds >= 0)" if gaps else "-")
+            lines.append(f"| {arch} | {fraction:.0%} | {method} | " + " | ".join(cells) + " |")
     return lines
 
 
