@@ -265,7 +265,7 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
             "timed on the device relative to the dense model timed just before and after it (ratio x dense "
             "reference ms; cancels the shared machine's speed drift); *at most +10%*: seeds whose measured "
             "latency is at most 10% over the budget; *within ±10%*: seeds within 10% of it either way. Mean ± "
-            "standard deviation over seeds. Accuracy: test split of digits (270 images; one image = 0.37 points).",
+            "standard deviation over seeds. Accuracy: test split of digits (269 images; one image = 0.37 points).",
             "", *table(rows, dense_ms), "",
             "wgates' accuracy against each other method on the same dense model (same seed), mean ± spread of the "
             "difference over seeds:", "", *comparisons(rows), ""]
