@@ -231,7 +231,7 @@ def comparisons(rows: list[Row]) -> list[str]:
              "|---|---|---|" + "---|" * len(others)]
     for arch, fraction in sorted({(r.arch, r.budget) for r in rows}, key=lambda k: (k[0], -k[1])):
         by = {(r.method, r.seed): r for r in rows if (r.arch, r.budget) == (arch, fraction)}
-        for method in ours:
+        for method in [m for m in ours if any(key[0] == m for key in by)]:
             cells = []
             for other in others:
                 gaps = [by[method, seed].accuracy - by[other, seed].accuracy for m, seed in by

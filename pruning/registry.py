@@ -49,6 +49,9 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole and only the finisher may trim them")
+    min_gate_steps: int = Field(0, ge=0, description="if the gate epochs hold fewer steps than this at the "
+                                                   "job's batch size, the gates train on smaller batches (not "
+                                                   "below 16) so that they get this many; 0: the job's batch")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pruning.finisher import DeviceMeter
 from pruning.groups import ChannelGraph, ChannelGroup
@@ -18,6 +19,9 @@ from pruning.train import train
 
 # Added to the scores of channels within a floor: far above any score the range term lets a gate reach.
 FLOOR_RANK = 100.0
+# Smallest batch the gates train on when a short schedule asks for more steps: BatchNorm's batch statistics
+# get too noisy below it.
+MIN_GATE_BATCH = 16
 
 
 def binary_gate(scores: torch.Tensor) -> torch.Tensor:
@@ -197,6 +201,25 @@ def device_multiple(ctx: MethodContext) -> int:
     return int(getattr(spec, "channel_multiple", 1) or 1)
 
 
+def gate_batch_size(samples: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """The job's batch size, or a smaller one (not below MIN_GATE_BATCH) giving `epochs` at least `min_steps`
+    steps over `samples` training samples."""
+    if min_steps <= 0 or epochs <= 0 or epochs * (samples // batch_size) >= min_steps:
+        return batch_size
+    return min(batch_size, max(MIN_GATE_BATCH, samples * epochs // min_steps))
+
+
+def gate_loader(train_loader: DataLoader, epochs: int, min_steps: int, seed: int) -> DataLoader:
+    """`train_loader`, or the same data in the smaller batches of gate_batch_size, shuffled by `seed`."""
+    data = train_loader.dataset
+    size = gate_batch_size(len(data), int(train_loader.batch_size), epochs, min_steps)
+    if size == train_loader.batch_size:
+        return train_loader
+    return DataLoader(data, batch_size=size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      drop_last=len(data) > size, num_workers=train_loader.num_workers,
+                      pin_memory=train_loader.pin_memory)
+
+
 def run(ctx: MethodContext) -> MethodResult:
     """Train weight-dependent gates and the weights against task loss + lambda * max(0, cost/target - 1)."""
     p = ctx.params
@@ -206,7 +229,9 @@ def run(ctx: MethodContext) -> MethodResult:
     gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     budget = ctx.budget
     dense_cost = budget.dense()
-    total_steps = ctx.epochs * len(ctx.train_loader)
+    # A small dataset gives the gates few steps per epoch; they need steps, not passes, to reach the target.
+    loader = gate_loader(ctx.train_loader, ctx.epochs, p.min_gate_steps, ctx.seed)
+    total_steps = ctx.epochs * len(loader)
     anneal_steps = max(1, int(p.anneal_share * total_steps))
     latency = budget.latency if budget.budget.kind == "latency_ms" else None
     check_steps = latency_check_steps(anneal_steps, total_steps, p.latency_checks if latency is not None else 0)
@@ -280,7 +305,7 @@ def run(ctx: MethodContext) -> MethodResult:
                     # No momentum on the gates: when the cost falls under the target their push stops at once.
                     {"params": gated.gate_parameters(), "lr": p.gate_lr, "weight_decay": 0.0, "momentum": 0.0}]
     try:
-        result = train(gated, ctx.train_loader, ctx.epochs, lr=ctx.lr, device=ctx.device, progress=progress,
+        result = train(gated, loader, ctx.epochs, lr=ctx.lr, device=ctx.device, progress=progress,
                        should_cancel=ctx.should_cancel, checkpoint_dir=ctx.checkpoint_dir, stage="wgates",
                        extra_loss=penalty, on_step=adapt, seed=ctx.seed, params=param_groups)
         with torch.no_grad():

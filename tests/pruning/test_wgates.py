@@ -205,6 +205,21 @@ def test_flops_budget_uses_the_same_penalty_path():
     assert result.info["finisher_round_to"] == 1
 
 
+def test_short_schedules_train_the_gates_on_smaller_batches():
+    assert wgates.gate_batch_size(1259, 64, 1, 100) == 16  # digits: 19 steps at 64, 78 at 16
+    assert wgates.gate_batch_size(1259, 64, 2, 100) == 25
+    assert wgates.gate_batch_size(50_000, 64, 1, 100) == 64  # already enough steps
+    assert wgates.gate_batch_size(1259, 64, 1, 0) == 64
+    assert wgates.gate_batch_size(1259, 8, 1, 1000) == 8  # never larger than the job's
+    loader = random_loader(n=64, batch=32)
+    small = wgates.gate_loader(loader, epochs=1, min_steps=8, seed=0)
+    assert small.batch_size == 16 and len(small) == 4 and small.dataset is loader.dataset
+    assert wgates.gate_loader(loader, epochs=1, min_steps=0, seed=0) is loader
+    ctx = method_context("flops=0.5", epochs=2, min_gate_steps=8)
+    ctx.train_loader = random_loader(n=64, batch=32)
+    assert wgates.run(ctx).info["steps"] == 8  # 2 epochs of 4 batches of 16, not 2 of 2 batches of 32
+
+
 def test_trim_and_grow_by_raw_or_normalized_scores():
     scores = [torch.tensor([0.5, -0.2, 0.1, 0.9]), torch.tensor([2.0, 1.5, 1.2])]
     masks = [torch.tensor([True, False, True, True]), torch.ones(3, dtype=torch.bool)]
