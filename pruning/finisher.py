@@ -264,9 +264,8 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     limit and one over it, the secant between them (the predictor's error changes with the configuration, so
     scaling alone can jump back and forth); where the predictor's aim gives nothing new inside such a bracket,
     kept counts are interpolated between its two measured ends. The result is the slowest measured configuration
-    within the limit
-    (the fastest one if none is). With `round_to` > 1, kept counts are rounded to that multiple first, but only
-    if the rounded model measures faster than the unrounded one.
+    within the limit (the fastest one if none is). With `round_to` > 1, kept counts are rounded to that multiple
+    first, but only if the rounded model measures faster than the unrounded one.
     """
     target = budget.target
     limit, low = target * (1 + tolerance), target * (1 - tolerance)
