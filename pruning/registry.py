@@ -54,6 +54,9 @@ class WGatesParams(MethodParams):
                                                    "below 16) so that they get this many; 0: the job's batch")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
+    range_to_filters: bool = Field(True, description="whether the range term also pulls on the filter weights "
+                                                    "(the gate scores are functions of them); false: on the gate "
+                                                    "networks only")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "
                                               "gates settle at the budget instead of below it")
     settle_tolerance: float = Field(0.02, ge=0, le=0.5, description="relative distance to the target within "

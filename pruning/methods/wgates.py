@@ -144,6 +144,11 @@ class GatedNetwork(nn.Module):
         """Gate score s of every channel of every group (differentiable in the gates and the filters)."""
         return [gate(filter_vectors(self.model, group)) for gate, group in zip(self.gates, self.groups, strict=True)]
 
+    def gate_only_scores(self) -> list[torch.Tensor]:
+        """scores() differentiable in the gate networks only (the filters taken as constants)."""
+        return [gate(filter_vectors(self.model, group).detach())
+                for gate, group in zip(self.gates, self.groups, strict=True)]
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         self.last_scores = self.scores()
         self.current = [floored_gate(s, f) for s, f in zip(self.last_scores, self.floors, strict=True)]
@@ -263,7 +268,8 @@ def run(ctx: MethodContext) -> MethodResult:
         if p.range_weight > 0:
             # (ours) Scores outside the straight-through window get no gradient and could never change side
             # again; pulling them back keeps every gate revisable when the trade-off shifts.
-            outside = torch.cat([torch.relu(s.abs() - 1.0) for s in net.last_scores])
+            scores = net.last_scores if p.range_to_filters else net.gate_only_scores()
+            outside = torch.cat([torch.relu(s.abs() - 1.0) for s in scores])
             # Linear, not squared: a bounded pull cannot blow up under a large gate learning rate.
             term = term + p.range_weight * outside.sum()
         return term

@@ -137,6 +137,20 @@ def test_budget_penalty_gradients_reach_gate_networks_and_filters():
     assert not model[1]._forward_hooks  # the gate hooks are gone: the bare model is back
 
 
+def test_gate_only_scores_keep_the_range_term_off_the_filters():
+    model, graph, _ = tiny_setup()
+    gated = wgates.GatedNetwork(model, graph, hidden=8)
+    assert all(torch.allclose(a, b) for a, b in zip(gated.gate_only_scores(), gated.scores(), strict=True))
+    sum(s.sum() for s in gated.gate_only_scores()).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(float(gate.net[0].weight.grad.abs().sum()) > 0 for gate in gated.gates)
+    sum(s.sum() for s in gated.scores()).backward()
+    assert float(model[0].weight.grad.abs().sum()) > 0  # the full scores do reach the filters
+    gated.remove()
+    ctx = method_context("flops=0.5", epochs=2, range_to_filters=False)
+    assert wgates.run(ctx).info["steps"] == 8
+
+
 def test_gated_model_with_closed_gates_equals_materialized_model():
     torch.manual_seed(0)
     model = zoo.build_model("resnet20", 10, 3).eval()
