@@ -89,16 +89,22 @@ def make_loaders(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+    train_loader = shuffled_loader(splits.train, batch_size, seed, num_workers, pin_memory)
+    val_loader = DataLoader(splits.val, shuffle=False, **common)
+    test_loader = DataLoader(splits.test, shuffle=False, **common)
+    return train_loader, val_loader, test_loader
+
+
+def shuffled_loader(data: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                    pin_memory: bool = False) -> DataLoader:
+    """Training batches of `data`, reshuffled every epoch by a generator seeded with `seed`."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     # A last batch of one sample breaks BatchNorm in training mode; dropping the ragged batch avoids it and
     # loses nothing over several epochs because the order is reshuffled.
-    drop_last = len(splits.train) > batch_size
-    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
-    train_loader = DataLoader(splits.train, shuffle=True, generator=generator, drop_last=drop_last, **common)
-    val_loader = DataLoader(splits.val, shuffle=False, **common)
-    test_loader = DataLoader(splits.test, shuffle=False, **common)
-    return train_loader, val_loader, test_loader
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
+                      drop_last=len(data) > batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
 
 class AugmentedDataset(Dataset):

@@ -322,11 +322,10 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
         if _tried(candidate, states) and feasible and too_slow:
             # The predictor cannot tell the bracket's inside apart (it is not monotone in every channel):
-            # step between the two measured ends in channel counts instead.
-            lo = max(feasible, key=lambda st: st[2])
-            hi = min(too_slow, key=lambda st: st[2])
-            share = (target - lo[2]) / max(hi[2] - lo[2], 1e-12)
-            candidate = between_masks(scores, lo[0], hi[0], share, round_to if fit.rounding_applied else 1)
+            # step in channel counts from the bracket's feasible end (lo, above) to its nearest slow one instead.
+            over_end = min(too_slow, key=lambda st: st[2])
+            share = (target - lo[2]) / max(over_end[2] - lo[2], 1e-12)
+            candidate = between_masks(scores, lo[0], over_end[0], share, round_to if fit.rounding_applied else 1)
         if _tried(candidate, states):
             break  # nothing new to try
         fit.rounds += 1

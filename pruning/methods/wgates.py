@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pruning.data import shuffled_loader
 from pruning.finisher import DeviceMeter
 from pruning.groups import ChannelGraph, ChannelGroup
 from pruning.methods.context import MethodContext, MethodResult
@@ -140,14 +141,11 @@ class GatedNetwork(nn.Module):
             return output * gate.to(output.dtype).view([1, -1] + [1] * (output.dim() - 2))
         return hook
 
-    def scores(self) -> list[torch.Tensor]:
-        """Gate score s of every channel of every group (differentiable in the gates and the filters)."""
-        return [gate(filter_vectors(self.model, group)) for gate, group in zip(self.gates, self.groups, strict=True)]
-
-    def gate_only_scores(self) -> list[torch.Tensor]:
-        """scores() differentiable in the gate networks only (the filters taken as constants)."""
-        return [gate(filter_vectors(self.model, group).detach())
-                for gate, group in zip(self.gates, self.groups, strict=True)]
+    def scores(self, through_filters: bool = True) -> list[torch.Tensor]:
+        """Gate score s of every channel of every group (differentiable in the gates, and in the filters unless
+        `through_filters` is false)."""
+        vectors = (filter_vectors(self.model, group) for group in self.groups)
+        return [gate(v if through_filters else v.detach()) for gate, v in zip(self.gates, vectors, strict=True)]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         self.last_scores = self.scores()
@@ -220,9 +218,7 @@ def gate_loader(train_loader: DataLoader, epochs: int, min_steps: int, seed: int
     size = gate_batch_size(len(data), int(train_loader.batch_size), epochs, min_steps)
     if size == train_loader.batch_size:
         return train_loader
-    return DataLoader(data, batch_size=size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      drop_last=len(data) > size, num_workers=train_loader.num_workers,
-                      pin_memory=train_loader.pin_memory)
+    return shuffled_loader(data, size, seed, train_loader.num_workers, train_loader.pin_memory)
 
 
 def run(ctx: MethodContext) -> MethodResult:
@@ -268,7 +264,7 @@ def run(ctx: MethodContext) -> MethodResult:
         if p.range_weight > 0:
             # (ours) Scores outside the straight-through window get no gradient and could never change side
             # again; pulling them back keeps every gate revisable when the trade-off shifts.
-            scores = net.last_scores if p.range_to_filters else net.gate_only_scores()
+            scores = net.last_scores if p.range_to_filters else net.scores(through_filters=False)
             outside = torch.cat([torch.relu(s.abs() - 1.0) for s in scores])
             # Linear, not squared: a bounded pull cannot blow up under a large gate learning rate.
             term = term + p.range_weight * outside.sum()

@@ -137,11 +137,11 @@ def test_budget_penalty_gradients_reach_gate_networks_and_filters():
     assert not model[1]._forward_hooks  # the gate hooks are gone: the bare model is back
 
 
-def test_gate_only_scores_keep_the_range_term_off_the_filters():
+def test_scores_without_the_filters_keep_the_range_term_off_them():
     model, graph, _ = tiny_setup()
     gated = wgates.GatedNetwork(model, graph, hidden=8)
-    assert all(torch.allclose(a, b) for a, b in zip(gated.gate_only_scores(), gated.scores(), strict=True))
-    sum(s.sum() for s in gated.gate_only_scores()).backward()
+    assert all(torch.allclose(a, b) for a, b in zip(gated.scores(through_filters=False), gated.scores(), strict=True))
+    sum(s.sum() for s in gated.scores(through_filters=False)).backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(float(gate.net[0].weight.grad.abs().sum()) > 0 for gate in gated.gates)
     sum(s.sum() for s in gated.scores()).backward()
