@@ -2,7 +2,8 @@
 
 Usage: python bench/methods.py [--archs resnet20,resnet56] [--budgets 0.6,0.4] [--seeds 0,1,2]
                                [--dense-epochs 10] [--epochs 10] [--samples 300] [--wgates-epochs N]
-                               [--wgates-params JSON] [--home DIR] [--no-write] [--tiny]
+                               [--wgates-params JSON] [--variant NAME=JSON ...] [--json FILE] [--home DIR]
+                               [--no-write] [--tiny]
 
 On builtin:digits (32x32, grayscale), for the onnxruntime CPU 1-thread device: profile every architecture and
 fit its LPNet (resumable, shared with bench/latency.py through the same home and device name), train one dense
@@ -172,8 +173,9 @@ def dense_weights(work: Path, arch: str, seed: int, epochs: int) -> tuple[Path, 
 
 
 def run_one(work: Path, latency, arch: str, fraction: float, method: str, seed: int, weights: Path,
-            dense_accuracy: float, epochs: int, params: dict | None = None, gate_epochs: int | None = None) -> Row:
-    """One pruning job through the pipeline; its report as a table row."""
+            dense_accuracy: float, epochs: int, params: dict | None = None, gate_epochs: int | None = None,
+            label: str | None = None) -> Row:
+    """One pruning job through the pipeline; its report as a table row (named `label`, else `method`)."""
     target_ms = fraction * latency.reference_ms
     gate_epochs = default_gate_epochs(epochs) if gate_epochs is None else gate_epochs
     method_epochs, finetune = (gate_epochs, epochs - gate_epochs) if method == "wgates" else (0, epochs)
@@ -182,15 +184,28 @@ def run_one(work: Path, latency, arch: str, fraction: float, method: str, seed: 
                            resolution=RESOLUTION, seed=seed, params=params or {})
     tag = "_" + "_".join(f"{k}{v}" for k, v in sorted((params or {}).items())) if params else ""
     tag += f"_g{method_epochs}" if method == "wgates" else ""
-    out = work / "runs" / f"{arch}_{fraction:g}_{method}{tag}_s{seed}"
+    out = work / "runs" / f"{arch}_{fraction:g}_{label or method}{tag}_s{seed}"
     report = run_prune(request, out, latency=latency)
     section = report["latency_ms"]
     pruned = section["pruned"]
-    return Row(arch, fraction, target_ms, method, seed, float(pruned["predicted"]),
+    return Row(arch, fraction, target_ms, label or method, seed, float(pruned["predicted"]),
                float(pruned.get("drift_corrected", pruned["measured"])), float(pruned["measured"]),
                report["pruned"]["macs"], report["pruned"]["params"], report["pruned"]["accuracy"], dense_accuracy,
                report["seconds"], int(section.get("rounds", 0)),
                float(pruned.get("drift_corrected", pruned["measured"])) <= target_ms * 1.10)
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[dict, int | None]]:
+    """--variant NAME=JSON options as {name: (wgates params, gate epochs or None)}."""
+    variants = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name.startswith("wgates_"):
+            raise SystemExit(f"--variant {spec!r}: write NAME=JSON with NAME starting 'wgates_'")
+        params = json.loads(text or "{}")
+        gate_epochs = params.pop("gate_epochs", None)
+        variants[name] = (params, gate_epochs)
+    return variants
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -242,7 +257,8 @@ def comparisons(rows: list[Row]) -> list[str]:
     return lines
 
 
-def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, list[float]], args) -> str:
+def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, list[float]], args,
+            failures: list[str] = ()) -> str:
     """The markdown section for docs/benchmarks.md."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
@@ -253,6 +269,7 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
             f"--dense-epochs {args.dense_epochs} --epochs {args.epochs} --samples {args.samples}"
             + (f" --wgates-epochs {args.wgates_epochs}" if args.wgates_epochs is not None else "")
             + (f" --wgates-params '{json.dumps(args.wgates_params)}'" if args.wgates_params else "")
+            + "".join(f" --variant '{v}'" for v in args.variant)
             + f"`: {DATASET} at "
             f"{RESOLUTION}x{RESOLUTION}, device onnxruntime {onnxruntime.__version__} CPU, 1 thread, batch 1 "
             f"({cpu}, shared machine); torch {torch.__version__}. Dense models trained {args.dense_epochs} epochs "
@@ -269,6 +286,8 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
             "", *table(rows, dense_ms), "",
             "wgates' accuracy against each other method on the same dense model (same seed), mean ± spread of the "
             "difference over seeds:", "", *comparisons(rows), ""]
+    if failures:
+        text += ["Runs that failed (not in the tables):", "", *(f"- {f}" for f in failures), ""]
     return "\n".join(text)
 
 
@@ -285,6 +304,9 @@ def main() -> None:
     parser.add_argument("--wgates-epochs", type=int, default=None,
                         help="of --epochs, how many wgates trains its gates (the rest fine-tunes); default a sixth")
     parser.add_argument("--wgates-params", type=json.loads, default={}, help="JSON object of wgates parameters")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="also run wgates under NAME (starting 'wgates_') with these parameters; "
+                             "\"gate_epochs\" in the JSON sets its gate epochs. Repeatable")
     parser.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="run nothing: rebuild the section from a --json file of an earlier run with the same "
@@ -293,6 +315,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke settings: resnet20, 60%%, one seed, 1+2 epochs, "
                                                              "40 samples; never writes docs")
     args = parser.parse_args()
+    variants = parse_variants(args.variant)
     if args.tiny:
         args.archs, args.budgets, args.seeds = "resnet20", "0.6", "0"
         args.dense_epochs, args.epochs, args.samples, args.no_write = 1, 2, 40, True
@@ -316,6 +339,7 @@ def main() -> None:
                     replace=True)
     work = args.home / "methods"
     rows: list[Row] = []
+    failures: list[str] = []
     dense_ms: dict[str, float] = {}
     dense_acc: dict[str, list[float]] = {}
     started = time.perf_counter()
@@ -326,19 +350,26 @@ def main() -> None:
             weights, accuracy = dense_weights(work, arch, seed, args.dense_epochs)
             dense_acc.setdefault(arch, []).append(accuracy)
             for fraction in [float(b) for b in args.budgets.split(",")]:
-                for method in args.methods.split(","):
-                    params = args.wgates_params if method == "wgates" else None
-                    row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs,
-                                  params, args.wgates_epochs)
+                runs = [(m, m, args.wgates_params if m == "wgates" else None, args.wgates_epochs)
+                        for m in args.methods.split(",")]
+                runs += [(name, "wgates", params, gate) for name, (params, gate) in variants.items()]
+                for label, method, params, gate_epochs in runs:
+                    try:
+                        row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs,
+                                      params, gate_epochs, label)
+                    except Exception as error:  # noqa: BLE001 - a diverged run is a result; the others go on
+                        failures.append(f"{arch} {fraction:.0%} {label} seed {seed}: {type(error).__name__}: {error}")
+                        console.print(failures[-1], highlight=False, markup=False)
+                        continue
                     rows.append(row)
-                    console.print(f"{arch} {fraction:.0%} {method} seed {seed}: measured {row.measured_ms:.3f} ms "
+                    if args.json:  # after every run, so that an interrupted bench keeps what it measured
+                        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+                    console.print(f"{arch} {fraction:.0%} {label} seed {seed}: measured {row.measured_ms:.3f} ms "
                                   f"(target {row.target_ms:.3f}), accuracy {100 * row.accuracy:.2f}%, "
                                   f"{row.seconds:.0f} s", highlight=False)
-    text = section(rows, dense_ms, dense_acc, args)
+    text = section(rows, dense_ms, dense_acc, args, failures)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     console.print(f"total {time.perf_counter() - started:.0f} s", highlight=False)
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     if not args.no_write:
         write_section(SECTION, text)
         console.print(f"wrote section {SECTION!r} of {DOC}", highlight=False)

@@ -49,14 +49,16 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole and only the finisher may trim them")
-    min_gate_steps: int = Field(0, ge=0, description="if the gate epochs hold fewer steps than this at the "
-                                                   "job's batch size, the gates train on smaller batches (not "
-                                                   "below 16) so that they get this many; 0: the job's batch")
+    min_gate_steps: int = Field(100, ge=0, description="if the gate epochs hold fewer steps than this at the "
+                                                     "job's batch size, the gates train on smaller batches (not "
+                                                     "below 16) so that they get this many; 0: the job's batch")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
-    range_to_filters: bool = Field(True, description="whether the range term also pulls on the filter weights "
+    range_to_filters: bool = Field(False, description="whether the range term also pulls on the filter weights "
                                                     "(the gate scores are functions of them); false: on the gate "
                                                     "networks only")
+    range_mean: bool = Field(True, description="average the range term over each group's channels instead of "
+                                                "summing it (a pull that does not grow with the group's width)")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "
                                               "gates settle at the budget instead of below it")
     settle_tolerance: float = Field(0.02, ge=0, le=0.5, description="relative distance to the target within "

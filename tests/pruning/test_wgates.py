@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from pruning import zoo
 from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
-from pruning.finisher import fit_measured_latency, grow_masks, round_masks, rounded_counts, trim_masks
 from pruning.groups import ChannelGraph
 from pruning.methods import wgates
 from pruning.methods.context import MethodContext
@@ -151,6 +150,28 @@ def test_scores_without_the_filters_keep_the_range_term_off_them():
     assert wgates.run(ctx).info["steps"] == 8
 
 
+def test_range_term_averages_each_group_so_a_wide_gate_network_stays_in_the_window(monkeypatch):
+    scores = [torch.full((8,), 3.0), torch.full((64,), -3.0), torch.zeros(16)]
+    assert float(wgates.range_term(scores)) == pytest.approx(4.0)  # 2 + 2 + 0, whatever the widths
+    assert float(wgates.range_term(scores, per_channel_mean=False)) == pytest.approx(16 + 128)
+
+    def wide_cnn() -> nn.Module:  # one group of 512 channels sharing a gate network
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 4))
+
+    monkeypatch.setattr(f"{__name__}.tiny_cnn", wide_cnn)
+    largest = {}
+    for mean in (True, False):
+        # A large L1-norm skip weight starts many scores outside the window, where only the range term moves them.
+        result = wgates.run(method_context("flops=0.5", epochs=3, norm_weight=5.0, range_mean=mean))
+        raw = [torch.where(s > wgates.FLOOR_RANK / 2, s - wgates.FLOOR_RANK, s) for s in result.scores]
+        largest[mean] = max(float(s.abs().max()) for s in raw)
+    assert largest[True] < 5.0
+    assert largest[False] > 100.0  # summed over 512 channels, the pull overshoots further at every step
+
+
 def test_gated_model_with_closed_gates_equals_materialized_model():
     torch.manual_seed(0)
     model = zoo.build_model("resnet20", 10, 3).eval()
@@ -232,118 +253,6 @@ def test_short_schedules_train_the_gates_on_smaller_batches():
     ctx = method_context("flops=0.5", epochs=2, min_gate_steps=8)
     ctx.train_loader = random_loader(n=64, batch=32)
     assert wgates.run(ctx).info["steps"] == 8  # 2 epochs of 4 batches of 16, not 2 of 2 batches of 32
-
-
-def test_trim_and_grow_by_raw_or_normalized_scores():
-    scores = [torch.tensor([0.5, -0.2, 0.1, 0.9]), torch.tensor([2.0, 1.5, 1.2])]
-    masks = [torch.tensor([True, False, True, True]), torch.ones(3, dtype=torch.bool)]
-
-    def fits_total(limit):
-        return lambda counts: sum(counts) <= limit
-
-    trimmed, removed = trim_masks(scores, masks, fits_total(4), normalize=False)
-    # Raw scores: the two weakest kept channels overall are 0.1 (group 0) and 0.5 (group 0).
-    assert removed == 2 and trimmed[0].tolist() == [False, False, False, True] and trimmed[1].all()
-    trimmed_norm, removed_norm = trim_masks(scores, masks, fits_total(4), normalize=True)
-    assert removed_norm == 2 and int(trimmed_norm[1].sum()) < 3  # normalized: group 1 loses its weakest
-    grown, added = grow_masks(scores, masks, fits_total(7), normalize=False)
-    assert added == 1 and grown[0].all()
-    same, none = grow_masks(scores, masks, fits_total(5), normalize=False)
-    assert none == 0 and [m.tolist() for m in same] == [m.tolist() for m in masks]
-
-
-def test_rounding_to_a_channel_multiple():
-    assert rounded_counts([5, 3, 12, 16], [16, 16, 16, 16], 4, "nearest") == [4, 4, 12, 16]
-    assert rounded_counts([5, 3, 15, 16], [16, 16, 16, 16], 4, "down") == [4, 4, 12, 16]
-    scores = [torch.arange(8.0), torch.arange(8.0)]
-    masks = [torch.arange(8) >= 2, torch.arange(8) >= 5]  # 6 and 3 kept
-    rounded = round_masks(scores, masks, 4, lambda counts: sum(counts) <= 8, [8, 8])
-    assert [int(m.sum()) for m in rounded] == [4, 4]  # nearest would be 8 + 4: too big, so down
-    assert rounded[0].tolist() == [False] * 4 + [True] * 4  # the best channels stay
-
-
-def cost_budget(cost: CostModel, target_ms: float, latency: FakeLatency) -> BudgetCost:
-    return BudgetCost(Budget("latency_ms", target_ms, "fake"), cost, latency)
-
-
-def test_measured_latency_finisher_trims_until_the_device_fits():
-    model, graph, cost = tiny_setup()
-    latency = FakeLatency(cost, bias=1.3)
-    budget = cost_budget(cost, 0.6 * float(cost.dense_macs) / 1e6, latency)
-    scores = [torch.rand(g.size) for g in graph.groups]
-    masks, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
-    calls = []
-
-    def measure(current):
-        calls.append([int(m.sum()) for m in current])
-        return budget.hard(calls[-1]) * 1.3  # the device is 30% slower than predicted
-
-    fit = fit_measured_latency(budget, scores, masks, measure, graph.sizes, tolerance=0.05, max_rounds=3)
-    assert fit.measurements[0]["measured_ms"] > budget.target * 1.05
-    assert fit.rounds >= 1 and fit.channels_trimmed > 0 and fit.within_tolerance
-    assert fit.measured_ms <= budget.target * 1.05
-    assert [int(m.sum()) for m in fit.keep_masks] == calls[-1]
-    report = fit.report()
-    assert report["rounds"] == fit.rounds and len(report["measurements"]) == fit.rounds + 1
-
-
-def test_measured_latency_finisher_brackets_a_latency_cliff_instead_of_oscillating():
-    model = zoo.build_model("resnet20", 10, 3).eval()
-    graph = ChannelGraph.build(model, (1, 3, 16, 16))
-    cost = CostModel(graph)
-    dense_ms = float(cost.dense_macs) / 1e6
-    budget = cost_budget(cost, 0.5 * dense_ms, FakeLatency(cost))
-    target = budget.target
-
-    def cliff(masks):  # exact up to 90% of the target, then 40% slower than predicted
-        predicted = budget.hard([int(m.sum()) for m in masks])
-        return predicted if predicted <= 0.9 * target else 1.4 * predicted
-
-    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(g.index)) for g in graph.groups]
-    full = [torch.ones(g.size, dtype=torch.bool) for g in graph.groups]
-    fit = fit_measured_latency(budget, scores, full, cliff, graph.sizes, tolerance=0.05, max_rounds=6)
-    tried = [tuple(m["keep_counts"]) for m in fit.measurements if m["action"] != "restore"]
-    assert len(tried) == len(set(tried))  # never measures the same configuration twice
-    assert 0.85 * target <= fit.measured_ms <= 0.9 * target
-    assert [int(m.sum()) for m in fit.keep_masks] == list(fit.measurements[-1]["keep_counts"])
-
-
-def test_measured_latency_finisher_stops_at_one_channel_per_group_when_the_device_is_far_too_slow():
-    _, graph, cost = tiny_setup()
-    budget = cost_budget(cost, 0.5 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
-    full = [torch.ones(g.size, dtype=torch.bool) for g in graph.groups]
-    scores = [torch.rand(g.size) for g in graph.groups]
-    fit = fit_measured_latency(budget, scores, full, lambda m: 100 * budget.hard([int(x.sum()) for x in m]),
-                               graph.sizes, max_rounds=2)
-    assert [int(m.sum()) for m in fit.keep_masks] == [1] * len(graph.groups)
-    assert not fit.within_tolerance and fit.report()["within_tolerance"] is False
-
-
-def test_measured_latency_finisher_grows_when_far_under_and_rounds_only_if_faster():
-    _, graph, cost = tiny_setup()
-    latency = FakeLatency(cost)
-    budget = cost_budget(cost, 0.7 * float(cost.dense_macs) / 1e6, latency)
-    scores = [torch.rand(g.size) for g in graph.groups]
-    masks, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
-
-    def slow_measure(current):
-        return budget.hard([int(m.sum()) for m in current]) * 0.7
-
-    fit = fit_measured_latency(budget, scores, masks, slow_measure, graph.sizes, tolerance=0.05)
-    assert fit.channels_added > 0 and fit.measured_ms > fit.measurements[0]["measured_ms"]
-
-    odd = [torch.arange(8) >= 3, torch.arange(12) >= 5]  # 5 and 7 kept: the nearest multiples of 4 are 4, 8
-    roomy = cost_budget(cost, 2 * budget.dense(), latency)
-    for factor, applied in ((2.0, False), (0.5, True)):
-        def rounding_changes_speed(current, factor=factor):
-            counts = [int(m.sum()) for m in current]
-            return roomy.hard(counts) * (factor if all(c % 4 == 0 for c in counts) else 1.0)
-
-        fit = fit_measured_latency(roomy, scores, odd, rounding_changes_speed, graph.sizes, tolerance=0.9,
-                                       round_to=4, grow=False)
-        assert fit.rounding_applied is applied and bool(fit.measurements[1].get("rejected")) is not applied
-        expected = [4, 8] if applied else [5, 7]
-        assert [int(m.sum()) for m in fit.keep_masks] == expected
 
 
 class PipelineLatency(FakeLatency):
