@@ -286,6 +286,9 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
             "", *table(rows, dense_ms), "",
             "wgates' accuracy against each other method on the same dense model (same seed), mean ± spread of the "
             "difference over seeds:", "", *comparisons(rows), ""]
+    if args.variant:
+        text += [f"- *{name}*: wgates with `{spec}`" for name, _, spec in (v.partition("=") for v in args.variant)]
+        text += [""]
     if failures:
         text += ["Runs that failed (not in the tables):", "", *(f"- {f}" for f in failures), ""]
     return "\n".join(text)

@@ -103,6 +103,21 @@ class DeviceMeter:
         return self.measure(materialize(model, graph, keep_masks, scales).eval())
 
 
+def confirmed_measurement(measure: Callable[[], dict[str, float]], expected_ms: float | None,
+                          tolerance: float, extra: int = 2) -> dict[str, Any]:
+    """measure() once; if that is off `expected_ms` (the finisher's own measurement of the same configuration)
+    by more than `tolerance`, `extra` more times, and the median of them all by ms, with every reading listed."""
+    readings = [measure()]
+    # On a shared machine a candidate's timings sometimes read high for seconds on end while the dense runs
+    # around them do not, which the ratio to the dense model cannot cancel (one report read 0.418 ms for a model
+    # the finisher had measured at 0.291 ms and four later measurements at 0.295-0.298 ms): disagreeing with the
+    # finisher calls for more readings.
+    if expected_ms is not None and abs(readings[0]["ms"] / max(expected_ms, 1e-12) - 1.0) > tolerance:
+        readings += [measure() for _ in range(extra)]
+    chosen = sorted(readings, key=lambda r: r["ms"])[(len(readings) - 1) // 2]
+    return {**chosen, "readings_ms": [r["ms"] for r in readings]}
+
+
 def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
     return [int(m.sum()) for m in masks]
 

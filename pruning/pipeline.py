@@ -20,7 +20,7 @@ from pruning import zoo
 from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
-from pruning.finisher import DeviceMeter, fit_measured_latency, round_masks, trim_masks
+from pruning.finisher import DeviceMeter, confirmed_measurement, fit_measured_latency, round_masks, trim_masks
 from pruning.groups import ChannelGraph
 from pruning.methods.context import MethodContext
 from pruning.registry import get_method, load_runner
@@ -204,8 +204,13 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                        "measured": measured_pruned},
         }
         if request.budget.kind == "latency_ms" and can_measure:
-            final = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch)).measure(pruned)
-            report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"])
+            meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
+            fit_ms = [m["measured_ms"] for m in prune_info.get("latency_fit", {}).get("measurements", [])
+                      if m["keep_counts"] == counts]
+            final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None,
+                                          request.latency_tolerance)
+            report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"],
+                                                  readings_ms=final["readings_ms"])
         if "latency_fit" in prune_info:
             fit = prune_info["latency_fit"]
             report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"], rounds=fit["rounds"],

@@ -8,7 +8,15 @@ import torch
 from pruning import zoo
 from pruning.budget import Budget, BudgetCost
 from pruning.cost import CostModel
-from pruning.finisher import between_masks, fit_measured_latency, grow_masks, round_masks, rounded_counts, trim_masks
+from pruning.finisher import (
+    between_masks,
+    confirmed_measurement,
+    fit_measured_latency,
+    grow_masks,
+    round_masks,
+    rounded_counts,
+    trim_masks,
+)
 from pruning.groups import ChannelGraph
 from tests.pruning.test_wgates import FakeLatency, tiny_setup
 
@@ -171,3 +179,17 @@ def test_measured_latency_finisher_grows_when_far_under_and_rounds_only_if_faste
         assert fit.rounding_applied is applied and bool(fit.measurements[1].get("rejected")) is not applied
         expected = [4, 8] if applied else [5, 7]
         assert [int(m.sum()) for m in fit.keep_masks] == expected
+
+
+def test_final_measurement_is_repeated_only_when_it_disagrees_with_the_finisher():
+    def meter(*values):
+        readings = iter(values)
+        return lambda: {"ms": next(readings), "ratio": 0.0}
+
+    once = confirmed_measurement(meter(0.30, 9.0), expected_ms=0.29, tolerance=0.05)
+    assert once["ms"] == 0.30 and once["readings_ms"] == [0.30]
+    # A reading far off the finisher's (a burst on the shared machine) is outvoted by two more.
+    outlier = confirmed_measurement(meter(0.418, 0.296, 0.297), expected_ms=0.29, tolerance=0.05)
+    assert outlier["ms"] == 0.297 and outlier["readings_ms"] == [0.418, 0.296, 0.297]
+    unknown = confirmed_measurement(meter(0.5), expected_ms=None, tolerance=0.05)
+    assert unknown["readings_ms"] == [0.5]
