@@ -192,13 +192,9 @@ def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor
 
 
 def rounded_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int, mode: str) -> list[int]:
-    """Counts rounded to multiples of `multiple` ('nearest' or 'down'), within [min(multiple, size), size];
-    'down' leaves a count below `multiple` as it is rather than raise it."""
+    """Counts rounded to multiples of `multiple` ('nearest' or 'down'), within [min(multiple, size), size]."""
     out = []
     for count, size in zip(keep_counts, sizes, strict=True):
-        if mode == "down" and count < multiple:
-            out.append(int(count))
-            continue
         step = count / multiple
         units = math.floor(step + 0.5) if mode == "nearest" else math.floor(step)
         out.append(int(min(size, max(min(multiple, size), units * multiple))))
@@ -283,9 +279,8 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     limit and one over it, the secant between them (the predictor's error changes with the configuration, so
     scaling alone can jump back and forth); where the predictor's aim gives nothing new inside such a bracket,
     kept counts are interpolated between its two measured ends. The result is the slowest measured configuration
-    within the limit (the fastest one if none is). With `round_to` > 1, the start is rounded to that multiple
-    (kept only if it measures faster; if it measures slower, nothing is rounded), and so is every trim or grow
-    (counts below the multiple stay as they are).
+    within the limit (the fastest one if none is). With `round_to` > 1, kept counts are rounded to that multiple
+    first, but only if the rounded model measures faster than the unrounded one.
     """
     target = budget.target
     limit, low = target * (1 + tolerance), target * (1 - tolerance)
@@ -302,11 +297,8 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
         return measured
 
     measured = record(masks, "initial")
-    rounding = round_to > 1  # whether trims and grows are rounded: until a measurement says rounding is slower
-    if rounding:
-        start_cost = budget.hard(_counts(masks))
-        # Within the budget, or, for a start over it, no costlier than the start (the loop trims it anyway).
-        rounded = round_masks(scores, masks, round_to, lambda c: budget.hard(c) <= max(target, start_cost), sizes)
+    if round_to > 1:
+        rounded = round_masks(scores, masks, round_to, budget.fits, sizes)
         if _counts(rounded) != _counts(masks):
             rounded_ms = record(rounded, f"round_to_{round_to}")
             if rounded_ms < measured:
@@ -315,7 +307,6 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             else:
                 fit.measurements[-1]["rejected"] = True
                 states.pop()
-                rounding = False
     smallest = budget.hard([1] * len(sizes)) * (1 + 1e-6)
 
     for _ in range(max_rounds):
@@ -342,18 +333,14 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             candidate, _ = trim_masks(scores, base, fits_aim, normalize)
         else:
             candidate, _ = grow_masks(scores, base, fits_aim, normalize)
-        if rounding:
-            # Off the device's channel multiple a trimmed model can measure slower than a wider one on it (the
-            # predictor under-predicts there), which sends the loop trimming far below the budget.
-            rounded = round_masks(scores, candidate, round_to, fits_aim, sizes)
-            fit.rounding_applied |= _counts(rounded) != _counts(candidate)
-            candidate = rounded
+        if fit.rounding_applied:
+            candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
         if _tried(candidate, states) and feasible and too_slow:
             # The predictor cannot tell the bracket's inside apart (it is not monotone in every channel):
             # step in channel counts from the bracket's feasible end (lo, above) to its nearest slow one instead.
             over_end = min(too_slow, key=lambda st: st[2])
             share = (target - lo[2]) / max(over_end[2] - lo[2], 1e-12)
-            candidate = between_masks(scores, lo[0], over_end[0], share, round_to if rounding else 1)
+            candidate = between_masks(scores, lo[0], over_end[0], share, round_to if fit.rounding_applied else 1)
         if _tried(candidate, states):
             break  # nothing new to try
         fit.rounds += 1
