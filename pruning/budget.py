@@ -129,6 +129,10 @@ def fit_ranking(ranking: Sequence[tuple[int, int]], n_groups: int, fits: Callabl
 
     lo, hi = n_groups, len(ranking)
     if not fits(counts(lo)):
+        if round_to is not None:
+            raise BudgetError(f"the budget is below the cost of the smallest rounded configuration {counts(lo)} "
+                              "(one channel per group, rounded up to the channel multiple); raise the budget or "
+                              "lower round_to")
         raise BudgetError("the budget is below the cost of keeping one channel per group; raise it")
     if fits(counts(hi)):
         return counts(hi)

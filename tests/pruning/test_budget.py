@@ -43,6 +43,11 @@ def test_impossible_budget_is_a_clear_error(built):
     model, graph, cost = built("resnet20", 32)
     with pytest.raises(BudgetError, match="raise it"):
         l1_counts(model, graph, cost, parse_budget("macs=10"))
+    # Rounding raises the smallest configuration: the message says so (it fits unrounded).
+    one_each = float(cost.macs([1] * len(graph.sizes)))
+    with pytest.raises(BudgetError, match="lower round_to"):
+        l1_counts(model, graph, cost, parse_budget(f"macs={2 * one_each:.0f}"), round_to=16)
+    assert l1_counts(model, graph, cost, parse_budget(f"macs={2 * one_each:.0f}"))[0]
 
 
 def test_finisher_removes_least_important_until_fit(built):
