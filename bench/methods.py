@@ -31,6 +31,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnxruntime
@@ -258,7 +259,7 @@ def comparisons(rows: list[Row]) -> list[str]:
 
 
 def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, list[float]], args,
-            failures: list[str] = ()) -> str:
+            failures: Sequence[str] = ()) -> str:
     """The markdown section for docs/benchmarks.md."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
@@ -345,6 +346,9 @@ def main() -> None:
     failures: list[str] = []
     dense_ms: dict[str, float] = {}
     dense_acc: dict[str, list[float]] = {}
+    # (row label, method, params, gate epochs) of every job per (architecture, seed, budget)
+    runs = [(m, m, args.wgates_params if m == "wgates" else None, args.wgates_epochs) for m in args.methods.split(",")]
+    runs += [(name, "wgates", params, gate) for name, (params, gate) in variants.items()]
     started = time.perf_counter()
     for arch in args.archs.split(","):
         latency = latency_model(home, arch, args.samples)
@@ -353,9 +357,6 @@ def main() -> None:
             weights, accuracy = dense_weights(work, arch, seed, args.dense_epochs)
             dense_acc.setdefault(arch, []).append(accuracy)
             for fraction in [float(b) for b in args.budgets.split(",")]:
-                runs = [(m, m, args.wgates_params if m == "wgates" else None, args.wgates_epochs)
-                        for m in args.methods.split(",")]
-                runs += [(name, "wgates", params, gate) for name, (params, gate) in variants.items()]
                 for label, method, params, gate_epochs in runs:
                     try:
                         row = run_one(work, latency, arch, fraction, method, seed, weights, accuracy, args.epochs,
