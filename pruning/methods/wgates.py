@@ -39,6 +39,27 @@ def floor_count(size: int, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * size - 1e-9))
 
 
+def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
+                 scale: float = 1.0) -> list[int]:
+    """floor_count of every group, at `scale` x min_keep (inner groups) or x residual_min_keep (residual streams)."""
+    return [floor_count(size, scale * (residual_min_keep if res else min_keep))
+            for size, res in zip(sizes, residual, strict=True)]
+
+
+def budget_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
+                  cost: Callable[[list[int]], float], limit: float, iterations: int = 30) -> tuple[list[int], float]:
+    """(floors, scale): group_floors at the largest scale in [0, 1] whose floors cost at most `limit` (scale 0,
+    one channel per group, if none does)."""
+    if cost(group_floors(sizes, residual, min_keep, residual_min_keep)) <= limit:
+        return group_floors(sizes, residual, min_keep, residual_min_keep), 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cost(group_floors(sizes, residual, min_keep, residual_min_keep, mid)) <= limit \
+            else (lo, mid)
+    return group_floors(sizes, residual, min_keep, residual_min_keep, lo), lo
+
+
 def held_open(scores: torch.Tensor, floor: int) -> torch.Tensor:
     """Channels below the threshold that the floor keeps open: the best-scoring ones, up to `floor` open."""
     held = torch.zeros_like(scores, dtype=torch.bool)
@@ -238,10 +259,19 @@ def run(ctx: MethodContext) -> MethodResult:
     """Train weight-dependent gates and the weights against task loss + lambda * max(0, cost/target - 1)."""
     p = ctx.params
     model = ctx.model
-    floors = [floor_count(g.size, p.residual_min_keep if is_residual(model, g) else p.min_keep)
-              for g in ctx.graph.groups]
-    gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     budget = ctx.budget
+    sizes = [g.size for g in ctx.graph.groups]
+    residual = [is_residual(model, g) for g in ctx.graph.groups]
+    floor_scale = 1.0
+    if p.floor_share > 0:
+        # (ours) Floors that cost more than the budget pin every gate at its floor, and the finisher, not the
+        # gates, then decides what goes (docs/methods.md, wgates item 8): lowered together, they leave the gates
+        # room under the target.
+        floors, floor_scale = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep, budget.hard,
+                                            p.floor_share * budget.target)
+    else:
+        floors = group_floors(sizes, residual, p.min_keep, p.residual_min_keep)
+    gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     dense_cost = budget.dense()
     # A small dataset gives the gates few steps per epoch; they need steps, not passes, to reach the target.
     loader = gate_loader(ctx.train_loader, ctx.epochs, p.min_gate_steps, ctx.seed)
@@ -327,6 +357,8 @@ def run(ctx: MethodContext) -> MethodResult:
     counts = [int(m.sum()) for m in masks]
     info = {
         "gate_keep_counts": counts,
+        "floors": floors,
+        "floor_scale": floor_scale,
         "gate_cost": budget.hard(counts),
         "target": budget.target,
         "penalty_weight": float(gated.penalty_weight),

@@ -287,3 +287,28 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["latency_ms"]["rounds"] == section["rounds"]
     assert saved["method_info"]["comparable_scores"] is True
+
+
+def test_budget_floors_are_lowered_together_until_they_fit_the_limit():
+    sizes, residual = [16, 64], [False, True]
+
+    def channels(counts):
+        return float(sum(counts))
+
+    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 100.0) == ([4, 64], 1.0)
+    floors, scale = wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 34.0)
+    assert floors == [2, 32] and 0 < scale < 1
+    assert channels(wgates.group_floors(sizes, residual, 0.25, 1.0, scale + 0.02)) > 34.0  # the largest scale
+    # Even one channel per group over the limit: one channel per group.
+    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 1.0) == ([1, 1], 0.0)
+
+
+def test_floors_over_the_budget_pin_the_gates_unless_floor_share_lowers_them():
+    fixed = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9)
+    pinned = wgates.run(fixed).info
+    assert pinned["floor_scale"] == 1.0
+    assert pinned["gate_keep_counts"] == pinned["floors"] and pinned["gate_cost"] > pinned["target"]
+    shared = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9, floor_share=0.8)
+    info = wgates.run(shared).info
+    assert info["floor_scale"] < 1 and shared.budget.hard(info["floors"]) <= 0.8 * info["target"]
+    assert info["gate_cost"] <= 1.05 * info["target"]
