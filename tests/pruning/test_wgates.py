@@ -312,3 +312,20 @@ def test_floors_over_the_budget_pin_the_gates_unless_floor_share_lowers_them():
     info = wgates.run(shared).info
     assert info["floor_scale"] < 1 and shared.budget.hard(info["floors"]) <= 0.8 * info["target"]
     assert info["gate_cost"] <= 1.05 * info["target"]
+
+
+@pytest.mark.parametrize("bias", [0.5, 1.5])
+def test_latency_floors_are_sized_by_their_measured_latency(bias):
+    params = dict(epochs=1, gate_lr=0.5, min_keep=0.9, floor_share=0.8, latency_checks=0)
+    ctx = method_context("latency_ms=0.05@fake", latency=lambda cost: FakeLatency(cost, bias=bias), **params)
+    sizes, limit = ctx.graph.sizes, 0.8 * ctx.budget.target
+    fixed = wgates.group_floors(sizes, [False] * len(sizes), 0.9, 1.0)
+    assert ctx.budget.hard(fixed) > ctx.budget.target  # predicted over the budget either way
+    info = wgates.run(ctx).info
+    assert info["floor_predicted"] == pytest.approx(ctx.budget.hard(fixed))
+    assert info["floor_measured"] == pytest.approx(bias * info["floor_predicted"], rel=1e-4)
+    if bias < 1:  # the device is faster than predicted: the floors measure under the share and stay
+        assert info["floors"] == fixed and info["floor_scale"] == 1.0
+    else:
+        assert bias * ctx.budget.hard(info["floors"]) <= limit < bias * ctx.budget.hard(
+            wgates.group_floors(sizes, [False] * len(sizes), 0.9, 1.0, info["floor_scale"] + 0.05))
