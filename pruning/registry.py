@@ -49,10 +49,11 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole and only the finisher may trim them")
-    floor_share: float = Field(0.0, ge=0, le=1, description="if > 0 and the floors (min_keep, residual_min_keep) "
-                                                         "cost more than this share of the budget's target, "
-                                                         "lower both by a common factor until they do, so that "
-                                                         "the gates can reach the budget; 0: fixed floors")
+    floor_share: float = Field(1.0, ge=0, le=1, description="if > 0 and the floors (min_keep, residual_min_keep) "
+                                                         "cost more than this share of the budget's target "
+                                                         "(measured once on the device for latency budgets), "
+                                                         "lower both by a common factor until they fit, so that "
+                                                         "the gates reach the budget; 0: fixed floors")
     min_gate_steps: int = Field(100, ge=0, description="if the gate epochs hold fewer steps than this at the "
                                                      "job's batch size, the gates train on smaller batches (not "
                                                      "below 16) so that they get this many; 0: the job's batch")

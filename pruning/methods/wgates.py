@@ -36,7 +36,7 @@ def binary_gate(scores: torch.Tensor) -> torch.Tensor:
 
 def floor_count(size: int, min_keep: float) -> int:
     """Channels of a group that stay open whatever their scores: at least one, at least `min_keep` of them."""
-    return max(1, math.ceil(min_keep * size - 1e-9))
+    return min(size, max(1, math.ceil(min_keep * size - 1e-9)))
 
 
 def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
@@ -47,17 +47,20 @@ def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float
 
 
 def budget_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
-                  cost: Callable[[list[int]], float], limit: float, iterations: int = 30) -> tuple[list[int], float]:
-    """(floors, scale): group_floors at the largest scale in [0, 1] whose floors cost at most `limit` (scale 0,
-    one channel per group, if none does)."""
-    if cost(group_floors(sizes, residual, min_keep, residual_min_keep)) <= limit:
-        return group_floors(sizes, residual, min_keep, residual_min_keep), 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cost(group_floors(sizes, residual, min_keep, residual_min_keep, mid)) <= limit \
-            else (lo, mid)
-    return group_floors(sizes, residual, min_keep, residual_min_keep, lo), lo
+                  cost: Callable[[list[int]], float], limit: float, steps: int = 256) -> tuple[list[int], float]:
+    """(floors, scale): group_floors at the largest scale in {1, 1 - 1/steps, ..., 0} whose floors cost at most
+    `limit` (scale 0, one channel per group, if none does)."""
+    # A scan from the top, not a bisection: LPNet is not monotone in the channel counts (off-grid counts can
+    # predict slower than larger ones), and a bisection took resnet56 floors 0.1% over a budget down to 0.75.
+    seen: dict[tuple[int, ...], bool] = {}
+    for step in range(steps, -1, -1):
+        floors = group_floors(sizes, residual, min_keep, residual_min_keep, step / steps)
+        key = tuple(floors)
+        if key not in seen:
+            seen[key] = cost(floors) <= limit
+        if seen[key]:
+            return floors, step / steps
+    return floors, 0.0
 
 
 def first_channels(sizes: Sequence[int], counts: Sequence[int]) -> list[torch.Tensor]:

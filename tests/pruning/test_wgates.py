@@ -303,8 +303,18 @@ def test_budget_floors_are_lowered_together_until_they_fit_the_limit():
     assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 1.0) == ([1, 1], 0.0)
 
 
+def test_budget_floors_find_the_largest_fitting_scale_where_the_cost_is_not_monotone():
+    sizes, residual = [16, 64], [False, True]
+
+    def bumpy(counts):  # like an LPNet off the channel grid: 33-48 residual channels predict slower than 64
+        return float(sum(counts)) + (100.0 if 33 <= counts[1] <= 48 else 0.0)
+
+    # A bisection would try 0.5 (fits), then 0.75 (in the bump) and settle near half of the residual stream.
+    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, bumpy, 67.0) == ([4, 63], 252 / 256)
+
+
 def test_floors_over_the_budget_pin_the_gates_unless_floor_share_lowers_them():
-    fixed = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9)
+    fixed = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9, floor_share=0)
     pinned = wgates.run(fixed).info
     assert pinned["floor_scale"] == 1.0
     assert pinned["gate_keep_counts"] == pinned["floors"] and pinned["gate_cost"] > pinned["target"]
