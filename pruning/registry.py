@@ -45,10 +45,11 @@ class WGatesParams(MethodParams):
     anneal_share: float = Field(0.5, ge=0, le=1, description="share of the training steps over which the gates' "
                                                                "target falls from the dense cost to the budget")
     min_keep: float = Field(0.25, ge=0, le=1, description="share of a group's channels the gates keep open (the "
-                                                        "best-scoring ones); the finisher may still go below")
+                                                        "best-scoring ones; floor_share may lower it); the "
+                                                        "finisher may still go below")
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
-                                                                 "whole and only the finisher may trim them")
+                                                                 "whole unless floor_share lowers the floors")
     floor_share: float = Field(1.0, ge=0, le=1, description="if > 0 and the floors (min_keep, residual_min_keep) "
                                                          "cost more than this share of the budget's target "
                                                          "(measured once on the device for latency budgets), "

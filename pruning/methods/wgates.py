@@ -282,8 +282,8 @@ def run(ctx: MethodContext) -> MethodResult:
     floor_info: dict[str, float] = {"floor_scale": 1.0}
     if p.floor_share > 0:
         # (ours) Floors that cost more than the budget pin every gate at its floor, and the finisher, not the
-        # gates, then decides what goes (docs/methods.md, wgates item 8): lowered together, they leave the gates
-        # room under the target.
+        # gates, then decides what goes (docs/methods.md, wgates item 8); lowered together until they fit, they
+        # let the gates reach the budget themselves.
         floor_cost = budget.hard
         if latency is not None:
             # LPNet's error near a tight budget can exceed the room the share leaves (on one CPU a wgates
