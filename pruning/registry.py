@@ -55,6 +55,9 @@ class WGatesParams(MethodParams):
                                                          "(measured once on the device for latency budgets), "
                                                          "lower both by a common factor until they fit, so that "
                                                          "the gates reach the budget; 0: fixed floors")
+    floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
+                                                                "more than the target by more than this share "
+                                                                "(within it, timings cannot tell them apart)")
     min_gate_steps: int = Field(100, ge=0, description="if the gate epochs hold fewer steps than this at the "
                                                      "job's batch size, the gates train on smaller batches (not "
                                                      "below 16) so that they get this many; 0: the job's batch")

@@ -297,8 +297,12 @@ def run(ctx: MethodContext) -> MethodResult:
             def floor_cost(counts: list[int]) -> float:
                 return budget.hard(counts) * bias
 
-        floors, floor_info["floor_scale"] = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep,
-                                                          floor_cost, p.floor_share * budget.target)
+        # Within the tolerance the device's timings cannot tell the floors from the budget (on a noisy CPU,
+        # resnet20 floors measured 3.6% over one seed's budget and under another's), and lowering them there
+        # cost accuracy for nothing: the finisher trims them if they do measure over.
+        if floor_cost(floors) > (1 + p.floor_tolerance) * budget.target:
+            floors, floor_info["floor_scale"] = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep,
+                                                              floor_cost, p.floor_share * budget.target)
     gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     dense_cost = budget.dense()
     # A small dataset gives the gates few steps per epoch; they need steps, not passes, to reach the target.

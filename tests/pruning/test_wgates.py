@@ -339,3 +339,18 @@ def test_latency_floors_are_sized_by_their_measured_latency(bias):
     else:
         assert bias * ctx.budget.hard(info["floors"]) <= limit < bias * ctx.budget.hard(
             wgates.group_floors(sizes, [False] * len(sizes), 0.9, 1.0, info["floor_scale"] + 0.05))
+
+
+@pytest.mark.parametrize("floor_tolerance", [0.05, 0.0])
+def test_floors_within_the_tolerance_of_the_budget_are_left_alone(floor_tolerance):
+    probe = method_context("latency_ms=0.05@fake", latency=FakeLatency)
+    fixed = wgates.group_floors(probe.graph.sizes, [False] * len(probe.graph.sizes), 0.9, 1.0)
+    bias = 1.03 * 0.05 / probe.budget.hard(fixed)  # the floors measure 3% over the budget
+    ctx = method_context("latency_ms=0.05@fake", latency=lambda cost: FakeLatency(cost, bias=bias), epochs=1,
+                         min_keep=0.9, floor_share=1.0, floor_tolerance=floor_tolerance, latency_checks=0)
+    info = wgates.run(ctx).info
+    assert info["floor_measured"] == pytest.approx(1.03 * 0.05, rel=1e-4)
+    if floor_tolerance > 0.03:
+        assert info["floors"] == fixed and info["floor_scale"] == 1.0
+    else:
+        assert info["floor_scale"] < 1 and bias * ctx.budget.hard(info["floors"]) <= 0.05
