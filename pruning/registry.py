@@ -50,11 +50,12 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole unless floor_share lowers the floors")
-    floor_share: float = Field(1.0, ge=0, le=1, description="if > 0 and the floors (min_keep, residual_min_keep) "
-                                                         "cost more than this share of the budget's target "
-                                                         "(measured once on the device for latency budgets), "
-                                                         "lower both by a common factor until they fit, so that "
-                                                         "the gates reach the budget; 0: fixed floors")
+    floor_share: float = Field(1.0, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
+                                                         "cost more than the target by more than floor_tolerance "
+                                                         "(measured once on the device for latency budgets) are "
+                                                         "lowered by a common factor until they cost at most this "
+                                                         "share of the target, so that the gates can reach the "
+                                                         "budget; 0: fixed floors")
     floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
                                                                 "more than the target by more than this share "
                                                                 "(within it, timings cannot tell them apart)")

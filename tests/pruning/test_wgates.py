@@ -334,7 +334,7 @@ def test_latency_floors_are_sized_by_their_measured_latency(bias):
     info = wgates.run(ctx).info
     assert info["floor_predicted"] == pytest.approx(ctx.budget.hard(fixed))
     assert info["floor_measured"] == pytest.approx(bias * info["floor_predicted"], rel=1e-4)
-    if bias < 1:  # the device is faster than predicted: the floors measure under the share and stay
+    if bias < 1:  # the device is faster than predicted: the floors measure under the budget and stay
         assert info["floors"] == fixed and info["floor_scale"] == 1.0
     else:
         assert bias * ctx.budget.hard(info["floors"]) <= limit < bias * ctx.budget.hard(
