@@ -271,10 +271,13 @@ def run(ctx: MethodContext) -> MethodResult:
     latency = budget.latency if budget.budget.kind == "latency_ms" else None
     meters: list[DeviceMeter] = []
 
-    def meter(bare: nn.Module) -> DeviceMeter:
+    def measure_on_device(bare: nn.Module, masks: Sequence[torch.Tensor]) -> tuple[float, float, float]:
+        # (predicted ms, measured ms, measured / predicted) of `bare` materialized with `masks`.
         if not meters:
             meters.append(DeviceMeter(latency, bare, ctx.graph.input_shape))
-        return meters[0]
+        predicted = budget.hard([int(m.sum()) for m in masks])
+        measured = meters[0].measure_masks(bare, ctx.graph, masks)["ms"]
+        return predicted, measured, max(measured / max(predicted, 1e-9), 1e-3)
 
     sizes = [g.size for g in ctx.graph.groups]
     residual = [is_residual(model, g) for g in ctx.graph.groups]
@@ -289,9 +292,7 @@ def run(ctx: MethodContext) -> MethodResult:
             # LPNet's error near a tight budget can exceed the room the share leaves (on one CPU a wgates
             # configuration predicted at 0.616 ms measured 0.525 ms), so the floors are measured once and the
             # predictions scaled by measured / predicted.
-            predicted = budget.hard(floors)
-            measured = meter(model).measure_masks(model, ctx.graph, first_channels(sizes, floors))["ms"]
-            bias = max(measured / max(predicted, 1e-9), 1e-3)
+            predicted, measured, bias = measure_on_device(model, first_channels(sizes, floors))
             floor_info.update(floor_predicted=predicted, floor_measured=measured)
 
             def floor_cost(counts: list[int]) -> float:
@@ -342,13 +343,11 @@ def run(ctx: MethodContext) -> MethodResult:
 
     def check_latency(net: GatedNetwork, step: int) -> None:
         masks = [g.detach().cpu() > 0 for g in net.current]
-        counts = [int(m.sum()) for m in masks]
-        predicted = budget.hard(counts)
         with net.bare() as bare:
-            measured = meter(bare).measure_masks(bare, ctx.graph, masks)["ms"]
-        net.latency_correction.fill_(max(measured / max(predicted, 1e-9), 1e-3))
-        history["latency_checks"].append({"step": step, "keep_counts": counts, "predicted_ms": predicted,
-                                          "measured_ms": measured})
+            predicted, measured, correction = measure_on_device(bare, masks)
+        net.latency_correction.fill_(correction)
+        history["latency_checks"].append({"step": step, "keep_counts": [int(m.sum()) for m in masks],
+                                          "predicted_ms": predicted, "measured_ms": measured})
 
     def adapt(net: GatedNetwork, step: int) -> None:
         # Raise lambda while this step's gates cost more than the (scheduled) target, lower it when under;
