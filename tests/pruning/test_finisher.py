@@ -193,3 +193,33 @@ def test_final_measurement_is_repeated_only_when_it_disagrees_with_the_finisher(
     assert outlier["ms"] == 0.297 and outlier["readings_ms"] == [0.418, 0.296, 0.297]
     unknown = confirmed_measurement(meter(0.5), expected_ms=None, tolerance=0.05)
     assert unknown["readings_ms"] == [0.5]
+
+
+def test_measured_latency_finisher_confirms_a_reading_that_disagrees_before_trimming_on_it():
+    _, graph, cost = tiny_setup()
+    budget = cost_budget(cost, 0.6 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
+    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(g.index)) for g in graph.groups]
+    start, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
+
+    slower = 1.1 * budget.target / budget.hard([int(m.sum()) for m in start])  # the start reads 10% over
+
+    def noisy_device():
+        seen: list[list[int]] = []
+
+        def measure(current):  # the first reading of the first trim hits a burst
+            counts = [int(m.sum()) for m in current]
+            seen.append(counts)
+            burst = 1.4 if counts != seen[0] and seen.count(counts) == 1 else 1.0
+            return budget.hard(counts) * slower * burst
+
+        return measure
+
+    confirmed = fit_measured_latency(budget, scores, start, noisy_device(), graph.sizes, tolerance=0.05)
+    trim = confirmed.measurements[1]
+    assert trim["action"] == "trim" and len(trim["readings_ms"]) == 3
+    assert max(trim["readings_ms"]) > 1.3 * budget.target > 1.05 * budget.target > trim["measured_ms"]
+    assert confirmed.within_tolerance and confirmed.measured_ms >= budget.target * 0.95
+    trusting = fit_measured_latency(budget, scores, start, noisy_device(), graph.sizes, tolerance=0.05,
+                                    confirm_readings=0)
+    assert "readings_ms" not in trusting.measurements[1]
+    assert trusting.channels_trimmed > confirmed.channels_trimmed  # one burst reading cut channels it needed
