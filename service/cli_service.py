@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -297,16 +298,33 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> Non
     fail(f"the API did not answer on {url} within {timeout_s:.0f} s")
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Terminate child processes (worker gets time to hand back its task)."""
+def stop(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
+    """Terminate child processes; those still running after `grace_s` in all (the worker's time to hand back its
+    task) are killed."""
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM (kill, docker stop, systemd) raises KeyboardInterrupt like Ctrl-C, so the stack's
+    children are stopped instead of left running without their parent."""
+    def interrupt(_signum, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start_stack(settings) -> tuple[str, str | None, list[subprocess.Popen]]:  # noqa: ANN001
@@ -334,7 +352,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="port (LATPRUNE_PORT)")] = None,
 ) -> None:
     """Run the whole stack on this machine: API + one worker, SQLite, embedded broker, local artifacts."""
-    with one_line_errors():
+    with one_line_errors(), sigterm_as_interrupt():
         settings = _settings()
         if host:
             settings.host = host
@@ -434,7 +452,7 @@ def demo(
     this machine, prune resnet20 on builtin:digits to half its measured latency, download the ONNX for it, and
     compare dense and pruned."""
     started = time.monotonic()
-    with api_errors():
+    with api_errors(), sigterm_as_interrupt():
         settings = _settings()
         procs: list[subprocess.Popen] = []
         client = _running_stack(settings)

@@ -22,7 +22,10 @@ def _start_up(home: Path, port: int, out: Path) -> subprocess.Popen:
                  "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.pop(name, None)
     with open(out, "w") as log:
-        proc = subprocess.Popen([LATPRUNE, "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT back to its default: a suite started in the background (SIGINT ignored, inherited) still sends
+        # `latprune up` a Ctrl-C that Python turns into KeyboardInterrupt.
+        proc = subprocess.Popen([LATPRUNE, "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: "Ctrl-C" in out.read_text() or proc.poll() is not None, 90, "latprune up to start")
     assert proc.poll() is None, out.read_text()
     return proc
@@ -50,10 +53,20 @@ def test_worker_gets_one_thread_unless_the_user_chose(monkeypatch, tmp_path):
     assert env["LATPRUNE_WORKER_ALL_DEVICE_QUEUES"] == "1" and env["LATPRUNE_HOME"] == str(tmp_path)
 
 
-def _stop(proc: subprocess.Popen, out: Path) -> None:
-    proc.send_signal(signal.SIGINT)
+def _children(proc: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+
+
+def _stop(proc: subprocess.Popen, out: Path, signum: int = signal.SIGINT) -> None:
+    children = _children(proc)
+    assert len(children) == 2, children  # the API and the worker
+    proc.send_signal(signum)
     proc.wait(timeout=60)
     assert proc.returncode == 0, out.read_text()[-2000:]
+    assert "stopping" in out.read_text()
+    for pid in children:  # reaped by `latprune up`, not left running without it
+        assert not Path(f"/proc/{pid}").exists(), f"child {pid} of latprune up still runs"
 
 
 def test_up_serves_and_profiles_new_devices(tmp_path):
@@ -90,7 +103,7 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
         assert "admin API key" not in again.read_text()
         assert Client(saved["url"], saved["api_key"]).predictors(device["id"])[0]["state"] == "ready"
     finally:
-        _stop(proc, again)
+        _stop(proc, again, signal.SIGTERM)  # as `kill`, docker stop or systemd would
 
 
 def test_demo_runs_end_to_end(tmp_path):
