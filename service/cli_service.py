@@ -451,6 +451,8 @@ def demo(
     """The main job end to end through the service: start the stack (or use a running one), register and profile
     this machine, prune resnet20 on builtin:digits to half its measured latency, download the ONNX for it, and
     compare dense and pruned."""
+    from service.client import ApiError
+
     started = time.monotonic()
     with api_errors(), sigterm_as_interrupt():
         settings = _settings()
@@ -479,8 +481,21 @@ def demo(
             if job["state"] != "succeeded":
                 fail(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""), 1)
             out.mkdir(parents=True, exist_ok=True)
-            path, _ = client.download(job["id"], DEMO_DEVICE, out / "model.onnx", "onnx")
+            over_budget = None
+            try:
+                path, _ = client.download(job["id"], DEMO_DEVICE, out / "model.onnx", "onnx")
+            except ApiError as error:
+                if error.status != 409:
+                    raise
+                # On a noisy shared machine the re-measure after fine-tuning can read a model the finisher
+                # measured within the budget 10-30% over it; the demo still hands it over, and says so.
+                over_budget = error.detail
+                path, _ = client.download(job["id"], DEMO_DEVICE, out / "model.onnx", "onnx", latency_ms=1e9)
             console.print(_demo_table(job["report"], budget_ms, DEMO_DEVICE))
+            if over_budget:
+                console.print(f"[yellow]warning:[/] the pruned model re-measured over the budget ({over_budget}); "
+                              "downloaded it anyway. Timings on this machine are noisy: try a larger --share or "
+                              "more --samples.", highlight=False)
             console.print(f"pruned ONNX for {DEMO_DEVICE}: {path}   ({time.monotonic() - started:.0f} s in all)")
         finally:
             stop(procs)
