@@ -31,9 +31,14 @@ def _start_up(home: Path, port: int, out: Path) -> subprocess.Popen:
     return proc
 
 
+def _children(proc: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+
+
 def _worker_environ(up: subprocess.Popen) -> dict[str, str]:
     """The environment of the Celery worker that `latprune up` started."""
-    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+    children = _children(up)
     for pid in children:
         if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes():
             raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -51,11 +56,6 @@ def test_worker_gets_one_thread_unless_the_user_chose(monkeypatch, tmp_path):
     env = worker_env(settings)
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "3"
     assert env["LATPRUNE_WORKER_ALL_DEVICE_QUEUES"] == "1" and env["LATPRUNE_HOME"] == str(tmp_path)
-
-
-def _children(proc: subprocess.Popen) -> list[int]:
-    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                               text=True).stdout.split()]
 
 
 def _stop(proc: subprocess.Popen, out: Path, signum: int = signal.SIGINT) -> None:
