@@ -100,7 +100,7 @@ def section(cases: list[dict], samples: int) -> str:
     lines = [SECTION, "",
              f"`python bench/latency.py --samples {samples}`: onnxruntime {onnxruntime.__version__} CPU, 1 intra-op "
              f"thread, batch 1, torch {torch.__version__}; {cpu} ({', '.join(isa)}), shared 2-core machine. "
-             "Every sample is timed block-interleaved with the dense reference; 20% of the configurations are "
+             "Every sample is timed alternated run by run with the dense reference; 20% of the configurations are "
              "held out; 5% are re-measured at the end for the repeatability floor. Relative = latency / the "
              "interleaved reference (what LPNet learns); absolute = predicted relative latency x the training "
              "set's median reference ms, against the measured ms.", ""]

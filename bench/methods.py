@@ -280,8 +280,9 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
             "against (median of the profile's interleaved dense reference).",
             "",
             "*predicted ms*: the LPNet prediction of the final configuration; *measured ms*: the exported model "
-            "timed on the device relative to the dense model timed just before and after it (ratio x dense "
-            "reference ms; cancels the shared machine's speed drift); *at most +10%*: seeds whose measured "
+            "timed on the device alternated run by run with the dense model (median over 5 rounds of the ratio of "
+            "10th percentiles, as the profile labels LPNet, x dense reference ms; cancels the shared machine's "
+            "speed drift); *at most +10%*: seeds whose measured "
             "latency is at most 10% over the budget; *within ±10%*: seeds within 10% of it either way. Mean ± "
             "standard deviation over seeds. Accuracy: test split of digits (269 images; one image = 0.37 points).",
             "", *table(rows, dense_ms), "",

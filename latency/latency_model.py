@@ -9,7 +9,15 @@ import torch
 
 from latency.device import DeviceSpec
 from latency.lpnet import LPNet, PredictorMeta
-from latency.timing import OnnxRuntimeRunner, TimingPlan, TorchRunner, input_shape, measure, torch_threads
+from latency.timing import (
+    Measurement,
+    OnnxRuntimeRunner,
+    TimingPlan,
+    TorchRunner,
+    input_shape,
+    measure,
+    torch_threads,
+)
 
 
 class LatencyModel:
@@ -60,6 +68,16 @@ class LatencyModel:
         arch = zoo.load_arch(arch_path)
         return zoo.rebuild(arch), (int(arch["resolution"]) if arch.get("resolution") else None)
 
+    def _runner(self, onnx_path: Path, model, resolution: int | None):  # noqa: ANN001, ANN202 - a timing Run
+        if self.spec.runtime == "onnxruntime":
+            if not onnx_path.is_file():
+                raise ValueError(f"no ONNX file {onnx_path}")
+            return OnnxRuntimeRunner(onnx_path, self.spec)
+        net, saved = self._torch_model(onnx_path, model)
+        in_channels = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        size = int(resolution or saved or self.resolution)
+        return TorchRunner(net, self.spec, input_shape(self.spec, in_channels, size))
+
     def measure_ms(self, onnx_path: str | Path, model=None, resolution: int | None = None) -> float:
         """Median latency (ms) of the model on this device, timed robustly (warm-up, blocks, re-measure).
 
@@ -67,18 +85,17 @@ class LatencyModel:
         given, else that of the arch.json next to the file when the model is rebuilt from it, else this
         predictor's (a cohort's members each run at their own resolution, whatever the predictor's).
         """
-        onnx_path = Path(onnx_path)
         with torch_threads(self.spec.threads):
-            if self.spec.runtime == "onnxruntime":
-                if not onnx_path.is_file():
-                    raise ValueError(f"no ONNX file {onnx_path}")
-                run = OnnxRuntimeRunner(onnx_path, self.spec)
-            else:
-                net, saved = self._torch_model(onnx_path, model)
-                in_channels = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-                size = int(resolution or saved or self.resolution)
-                run = TorchRunner(net, self.spec, input_shape(self.spec, in_channels, size))
-            return measure(run, self.plan).sample.median_ms
+            return measure(self._runner(Path(onnx_path), model, resolution), self.plan).sample.median_ms
+
+    def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,
+                         reference_model=None) -> Measurement:
+        """The model timed alternated run by run with a reference model (as the profile times its samples against
+        the dense one); `.ratio` is their ratio of 10th percentiles, the statistic LPNet was fitted on."""
+        with torch_threads(self.spec.threads):
+            run = self._runner(Path(onnx_path), model, None)
+            reference = self._runner(Path(reference_path), reference_model, None)
+            return measure(run, self.plan, reference=reference)
 
     def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:
         """Re-time the dense model now and rescale predictions to it; returns new / old reference ms."""

@@ -161,7 +161,7 @@ def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_sampl
             noisy_retries: int = 0) -> ProfileResult:
     """Measure the first `n_samples` configurations not yet in `store`, retry the noisy ones, then repeat some.
 
-    Every sample is timed block-interleaved with the dense reference. With `noisy_retries` > 0, a
+    Every sample is timed alternated run by run with the dense reference. With `noisy_retries` > 0, a
     configuration whose measurement stayed noisy after the plan's attempts is measured again after the
     main pass (up to that many more times over all runs): a busy spell has often passed by then. It
     costs time and improves the median-ms label only; the reference ratio is robust without it. A share

@@ -43,6 +43,11 @@ class PredictOnly:
         """The device's spec: methods read its channel_multiple (wgates' finisher rounding)."""
         return self.model.spec
 
+    @property
+    def reference_ms(self) -> float:
+        """The dense latency the predictor's ratios are scaled by (the profile's median dense reference)."""
+        return self.model.reference_ms
+
     def predict_ms(self, keep_ratios):  # noqa: ANN001, ANN201 - torch tensors
         return self.model.predict_ms(keep_ratios)
 

@@ -20,6 +20,11 @@ class DeviceLatency(PredictOnly):
         """Latency of the exported model here; `resolution` feeds a torch runtime (see LatencyModel.measure_ms)."""
         return self.model.measure_ms(onnx_path, resolution=resolution)
 
+    def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,  # noqa: ANN001
+                         reference_model=None):  # noqa: ANN001, ANN201 - latency.timing.Measurement
+        """The model timed interleaved with a reference model here (see LatencyModel.measure_relative)."""
+        return self.model.measure_relative(onnx_path, reference_path, model, reference_model)
+
 
 def load_device_latency(store: ArtifactStore, device: Device, predictor: Predictor) -> PredictOnly:
     """The device's latency model from the artifact store; it measures only if this machine is the device."""

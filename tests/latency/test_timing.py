@@ -98,3 +98,24 @@ def test_ratio_ignores_contention_spikes():
     m = measure(spiky(0.001), plan, clock, reference=spiky(0.002))
     assert m.ratio == pytest.approx(0.5)
     assert m.sample.iqr_ratio > 0.10  # the spikes do show in the spread
+
+
+def test_reference_alternates_run_by_run_so_a_steady_slowdown_hits_both_models_alike():
+    # The machine slows by 5% of its speed on every inference. Alternated block by block (10 runs of one model,
+    # then 10 of the other) the sample's fast runs come from earlier than the reference's and the ratio of
+    # 10th percentiles read ~0.34 for a true 0.5; alternated run by run both come from the same moments.
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=0, blocks=2, runs_per_block=10, max_noise=10.0, max_attempts=1)
+    calls = itertools.count()
+    order = []
+
+    def slowing(base, name):
+        def run():
+            order.append(name)
+            clock.now += base * (1.0 + 0.05 * next(calls))
+        return run
+
+    m = measure(slowing(0.001, "s"), plan, clock, reference=slowing(0.002, "r"))
+    assert order[:6] == ["s", "r", "r", "s", "s", "r"]
+    assert m.ratio == pytest.approx(0.5, rel=0.05)
+    assert m.sample.runs == m.reference.runs == 20

@@ -223,3 +223,33 @@ def test_measured_latency_finisher_confirms_a_reading_that_disagrees_before_trim
                                     confirm_readings=0)
     assert "readings_ms" not in trusting.measurements[1]
     assert trusting.channels_trimmed > confirmed.channels_trimmed  # one burst reading cut channels it needed
+
+
+class RelativeLatency(FakeLatency):
+    """A device that times a model interleaved with a reference: the ratio of their MACs, with `measure_ms`
+    (timed alone) off by a burst that must not reach the meter."""
+
+    reference_ms = 2.0
+
+    def measure_ms(self, onnx_path: str) -> float:
+        raise AssertionError("timed alone although the device can time against the reference")
+
+    def measure_relative(self, onnx_path, reference_path, model=None, reference_model=None):  # noqa: ANN001, ANN201
+        from types import SimpleNamespace
+
+        from tests.pruning.test_wgates import onnx_macs
+
+        ratio = onnx_macs(onnx_path) / onnx_macs(reference_path)
+        return SimpleNamespace(ratio=ratio, sample=SimpleNamespace(median_ms=ratio * 1.5))
+
+
+def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_the_device_can():
+    from pruning.finisher import DeviceMeter
+
+    model, graph, cost = tiny_setup()
+    meter = DeviceMeter(RelativeLatency(cost), model, graph.input_shape)
+    half = [torch.arange(g.size) < max(1, g.size // 2) for g in graph.groups]
+    reading = meter.measure_masks(model, graph, half)
+    expected = float(cost.macs([int(m.sum()) for m in half])) / float(cost.dense_macs)
+    assert abs(reading["ratio"] - expected) < 1e-6 and abs(reading["ms"] - 2.0 * expected) < 1e-6
+    assert abs(reading["raw_ms"] - 1.5 * expected) < 1e-6
