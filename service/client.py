@@ -187,9 +187,10 @@ class Client:
                 return
 
     def download(self, job_id: int, device: str | int, dest: str | Path | None = None, fmt: str = "onnx",
-                 latency_ms: float | None = None) -> tuple[Path, dict[str, str]]:
-        """Save the checkpoint that suits the device; the SHA-256 from the server is checked."""
-        params: dict[str, Any] = {"device": str(device), "format": fmt}
+                 latency_ms: float | None = None, over_budget: str = "refuse") -> tuple[Path, dict[str, str]]:
+        """Save the checkpoint that suits the device; the SHA-256 from the server is checked. With over_budget
+        "fastest", a job with no subnet within the budget gives its fastest (headers["x-over-budget"] says so)."""
+        params: dict[str, Any] = {"device": str(device), "format": fmt, "over_budget": over_budget}
         if latency_ms is not None:
             params["latency_ms"] = latency_ms
         with self.http.stream("GET", f"/v1/jobs/{job_id}/checkpoint", params=params) as response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
@@ -28,9 +28,13 @@ def subnet_latency_ms(subnet: Subnet, device_id: int) -> float | None:
     return measured if measured is not None else entry.get("predicted_ms")
 
 
-def pick_subnet(subnets: list[Subnet], device_id: int, budget_ms: float | None,
-                tolerance: float) -> tuple[Subnet | None, str]:
-    """The most accurate subnet whose latency on the device fits the budget (plus tolerance), or a reason."""
+OverBudget = Literal["refuse", "fastest"]
+
+
+def pick_subnet(subnets: list[Subnet], device_id: int, budget_ms: float | None, tolerance: float,
+                over_budget: OverBudget = "refuse") -> tuple[Subnet | None, str]:
+    """The most accurate subnet whose latency on the device fits the budget (plus tolerance), and "" or, when
+    none fits, None (or the fastest subnet if `over_budget` is "fastest") and the reason."""
     if not subnets:
         return None, "the job produced no subnets"
     if budget_ms is None:
@@ -44,9 +48,10 @@ def pick_subnet(subnets: list[Subnet], device_id: int, budget_ms: float | None,
         limit = budget_ms * (1 + tolerance)
         fitting = [s for s, ms in known if ms <= limit]
         if not fitting:
-            fastest = min(ms for _, ms in known)
-            return None, (f"no subnet fits {budget_ms:g} ms on device {device_id}: the fastest takes "
-                          f"{fastest:.3g} ms; submit a job with a tighter budget for this device")
+            fastest, fastest_ms = min(known, key=lambda row: (row[1], row[0].member))
+            reason = (f"no subnet fits {budget_ms:g} ms on device {device_id}: the fastest takes "
+                      f"{fastest_ms:.3g} ms; submit a job with a tighter budget for this device")
+            return (fastest if over_budget == "fastest" else None), reason
     best = max(fitting, key=lambda s: (s.accuracy if s.accuracy is not None else float("-inf"), -s.macs))
     return best, ""
 
@@ -112,17 +117,21 @@ def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
 @router.get("/{job_id}/checkpoint", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the file; X-Checkpoint-SHA256 holds its hash"},
-                       409: {"description": "the job is not finished, or no subnet fits the device"}})
+                       409: {"description": "the job is not finished, or no subnet fits the device (and "
+                                             "over_budget is refuse)"}})
 async def download_checkpoint(
     job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
     device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
     format: Annotated[ArtifactFormat, Query()] = "onnx",  # noqa: A002 - the API's parameter name
     latency_ms: Annotated[float | None, Query(gt=0, description="override the device's budget")] = None,
+    over_budget: Annotated[OverBudget, Query(description="when no subnet fits: refuse (409), or send the fastest "
+                                                         "with the reason in X-Over-Budget")] = "refuse",
 ) -> FileResponse:
     """The most accurate subnet of the job that fits the device's latency budget.
 
     The budget is `latency_ms` if given, else the job's own budget when it targeted this device,
     else the device's default `latency_budget_ms`; with none, the most accurate subnet is returned.
+    When none fits, 409, or with over_budget=fastest the fastest subnet, flagged by the X-Over-Budget header.
     """
     job = tenant_job(session, key.tenant_id, job_id)
     target = _tenant_device(session, key.tenant_id, device)
@@ -134,7 +143,7 @@ async def download_checkpoint(
     if budget_ms is None:
         budget_ms = target.latency_budget_ms
     subnet, reason = pick_subnet(_job_subnets(session, job), target.id, budget_ms,
-                                 state.settings.latency_tolerance)
+                                 state.settings.latency_tolerance, over_budget)
     if subnet is None:
         raise HTTPException(409, reason)
     artifact = session.scalar(select(Artifact).where(Artifact.subnet_id == subnet.id, Artifact.format == format))
@@ -142,6 +151,8 @@ async def download_checkpoint(
         raise HTTPException(409, f"subnet {subnet.member} of job {job.id} has no {format} file")
     headers = {"X-Checkpoint-SHA256": artifact.sha256, "X-Subnet-Id": str(subnet.id),
                "X-Subnet-Member": str(subnet.member)}
+    if reason:
+        headers["X-Over-Budget"] = reason
     ms = subnet_latency_ms(subnet, target.id)
     if ms is not None:
         headers["X-Latency-Ms"] = f"{ms:.6g}"

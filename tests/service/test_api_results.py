@@ -61,6 +61,14 @@ def test_checkpoint_picks_most_accurate_fitting_member(env):
     assert r.headers["x-subnet-member"] == "2"
     r = env.client.get(f"/v1/jobs/{job}/checkpoint?device=slow&latency_ms=0.5", headers=headers)
     assert r.status_code == 409 and "fastest takes 1.9 ms" in r.json()["detail"]
+    # Asked for, the fastest member comes instead, flagged; a fitting one carries no flag.
+    r = env.client.get(f"/v1/jobs/{job}/checkpoint?device=slow&latency_ms=0.5&over_budget=fastest", headers=headers)
+    assert r.status_code == 200 and r.headers["x-subnet-member"] == "1"
+    assert "fastest takes 1.9 ms" in r.headers["x-over-budget"]
+    r = env.client.get(f"/v1/jobs/{job}/checkpoint?device=fast&over_budget=fastest", headers=headers)
+    assert r.headers["x-subnet-member"] == "0" and "x-over-budget" not in r.headers
+    bad = env.client.get(f"/v1/jobs/{job}/checkpoint?device=fast&over_budget=closest", headers=headers)
+    assert bad.status_code == 422 and "refuse" in bad.text
     missing = env.client.get(f"/v1/jobs/{job}/checkpoint?device=fast&format=safetensors", headers=headers)
     assert missing.status_code == 409 and "no safetensors file" in missing.json()["detail"]
     assert env.client.get(f"/v1/jobs/{job}/checkpoint?device=nope", headers=headers).status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from service.auth import create_key
@@ -126,10 +127,20 @@ def test_cli_watch_and_download(cli, live, key, tmp_path):
     bad = _finished_job(live, key, state="failed")
     r = cli("watch", str(bad))
     assert r.exit_code == 1 and "boom" in r.output
-    Client(live.url, key).create_device(name="phone")
+    phone = Client(live.url, key).create_device(name="phone")
     r = cli("download", str(ok), "--device", "phone", "--out", str(tmp_path / "x.onnx"))
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.onnx").read_bytes() == b"onnx bytes %d" % ok
+    with session_scope(live.settings.database_url) as s:
+        s.scalar(select(Subnet).where(Subnet.job_id == ok)).latency = {
+            str(phone["id"]): {"predicted_ms": 2.0, "measured_ms": 2.5}}
+    r = cli("download", str(ok), "--device", "phone", "--latency-ms", "1", "--out", str(tmp_path / "y.onnx"))
+    assert r.exit_code == 2 and "fastest takes 2.5 ms" in r.output and not (tmp_path / "y.onnx").exists()
+    r = cli("download", str(ok), "--device", "phone", "--latency-ms", "1", "--fastest-if-over",
+            "--out", str(tmp_path / "y.onnx"))
+    text = " ".join(r.output.split())  # rich wraps lines at the terminal width
+    assert r.exit_code == 0 and "over the budget" in text and "fastest takes 2.5 ms" in text, r.output
+    assert (tmp_path / "y.onnx").read_bytes() == b"onnx bytes %d" % ok
     r = cli("download", str(bad), "--device", "phone")
     assert r.exit_code == 2 and "is failed" in r.output
 
