@@ -12,6 +12,7 @@ from latency.lpnet import LPNet, PredictorMeta
 from latency.timing import (
     Measurement,
     OnnxRuntimeRunner,
+    QuietReference,
     TimingPlan,
     TorchRunner,
     input_shape,
@@ -89,13 +90,14 @@ class LatencyModel:
             return measure(self._runner(Path(onnx_path), model, resolution), self.plan).sample.median_ms
 
     def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,
-                         reference_model=None) -> Measurement:
+                         reference_model=None, quiet: QuietReference | None = None) -> Measurement:
         """The model timed alternated run by run with a reference model (as the profile times its samples against
-        the dense one); `.ratio` is their ratio of 10th percentiles, the statistic LPNet was fitted on."""
+        the dense one); `.ratio` is their ratio of 10th percentiles, the statistic LPNet was fitted on. With
+        `quiet`, readings taken while the reference runs slower than its quiet level are retried."""
         with torch_threads(self.spec.threads):
             run = self._runner(Path(onnx_path), model, None)
             reference = self._runner(Path(reference_path), reference_model, None)
-            return measure(run, self.plan, reference=reference)
+            return measure(run, self.plan, reference=reference, quiet=quiet)
 
     def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:
         """Re-time the dense model now and rescale predictions to it; returns new / old reference ms."""

@@ -19,6 +19,7 @@ from latency.timing import (
     Clock,
     Measurement,
     OnnxRuntimeRunner,
+    QuietReference,
     Run,
     TimingPlan,
     TorchRunner,
@@ -151,17 +152,18 @@ def _sample(key: str, kind: str, target: ProfileTarget, counts: Sequence[int], m
         latency_ms=m.sample.median_ms, iqr_ratio=m.sample.iqr_ratio, latency_p10_ms=m.sample.p10_ms,
         reference_ms=ref.median_ms if ref else None, reference_iqr_ratio=ref.iqr_ratio if ref else None,
         reference_p10_ms=ref.p10_ms if ref else None,
-        ratio=m.ratio, attempts=m.attempts, noisy=m.noisy, runs=m.sample.runs, measured_at=time.time(),
+        ratio=m.ratio, attempts=m.attempts, noisy=m.noisy, slow=m.slow, runs=m.sample.runs, measured_at=time.time(),
         repeat=repeat, fingerprint=fingerprint)
 
 
 def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_samples: int, seed: int = 0,
             repeat_share: float = 0.05, plan: TimingPlan | None = None, progress: Progress | None = None,
             should_cancel: Callable[[], bool] | None = None, clock: Clock = time.perf_counter,
-            noisy_retries: int = 0) -> ProfileResult:
+            noisy_retries: int = 0, sleep: Callable[[float], None] = time.sleep) -> ProfileResult:
     """Measure the first `n_samples` configurations not yet in `store`, retry the noisy ones, then repeat some.
 
-    Every sample is timed alternated run by run with the dense reference. With `noisy_retries` > 0, a
+    Every sample is timed alternated run by run with the dense reference; one taken while the reference ran
+    slower than its quiet level (a slow spell of the machine) is retried after a pause. With `noisy_retries` > 0, a
     configuration whose measurement stayed noisy after the plan's attempts is measured again after the
     main pass (up to that many more times over all runs): a busy spell has often passed by then. It
     costs time and improves the median-ms label only; the reference ratio is robust without it. A share
@@ -194,13 +196,14 @@ def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_sampl
     with tempfile.TemporaryDirectory(prefix="latprune-profile-") as tmp, torch_threads(spec.threads):
         workdir = Path(tmp)
         reference = make_runner(spec, target, target.group_sizes, workdir, "reference")
+        quiet = QuietReference()
 
         def run_one(key: str, config, phase: str) -> None:
             nonlocal count
             if should_cancel is not None and should_cancel():
                 raise ProfileCancelled(f"profile cancelled after {count} of {total} measurements")
             run = make_runner(spec, target, config.keep_counts, workdir, "sample")
-            m = measure(run, plan, clock, reference=reference)
+            m = measure(run, plan, clock, reference=reference, quiet=quiet, sleep=sleep)
             del run
             store.append(_sample(key, config.kind, target, config.keep_counts, m, fingerprint, phase == "repeat"))
             count += 1

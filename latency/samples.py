@@ -37,6 +37,7 @@ class LatencySample(BaseModel):
     ratio: float | None = Field(None, description="sample / reference, 10th percentiles of interleaved runs")
     attempts: int = 1
     noisy: bool = False
+    slow: bool = Field(False, description="the reference ran slower than its quiet level in every attempt")
     runs: int
     measured_at: float = Field(description="unix time")
     repeat: bool = Field(False, description="a re-measurement for the repeatability floor")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latency.timing import QuietReference
 from pruning.budget import BudgetCost, BudgetError, LatencyPredictor, normalized_scores, trim_to_budget
 from pruning.groups import ChannelGraph
 from pruning.surgery import export_onnx, masks_from_counts, materialize
@@ -49,9 +50,10 @@ class DeviceMeter:
     alongside the candidate does not, so a candidate's ms = its ratio x `reference_ms` (the dense latency the
     predictor was fitted against, else the dense model's first measurement here). Where the latency model can
     (`measure_relative`), each round times the two alternated run by run and takes the ratio of 10th percentiles,
-    as the profile does for LPNet's labels; else a round is dense, candidate, dense timed one after another,
-    with the ratio of medians. The ratio is the median of `repeats` rounds, so one round hit by another
-    process's burst does not count.
+    as the profile does for LPNet's labels, retrying a round timed while the dense model ran slower than its
+    quiet level (`quiet`, kept across this meter's readings); else a round is dense, candidate, dense timed one
+    after another, with the ratio of medians. The ratio is the median of `repeats` rounds, so one round hit by
+    another process's burst does not count.
     """
 
     def __init__(self, latency: LatencyPredictor, dense: nn.Module, input_shape: Sequence[int],
@@ -62,6 +64,7 @@ class DeviceMeter:
         self.describe = describe
         self.repeats = max(1, int(repeats))
         self.dense = copy.deepcopy(dense).cpu().eval()
+        self.quiet = QuietReference()
         self.reference_ms = float(reference_ms if reference_ms is not None
                                   else getattr(latency, "reference_ms", None) or self.dense_ms())
 
@@ -81,12 +84,16 @@ class DeviceMeter:
                 # 10th percentiles differ by 1-4% (latency/timing.py); readings of one resnet56 configuration
                 # here spread over 0.79-1.14 ms, and the re-measure after fine-tuning read the finisher's choice
                 # 20-30% over the finisher's own reading of it.
+                slow_retries = 0
                 for _ in range(self.repeats):
-                    m = relative(str(path), str(dense_path), model=model, reference_model=self.dense)
+                    m = relative(str(path), str(dense_path), model=model, reference_model=self.dense,
+                                 quiet=self.quiet)
                     ratios.append(float(m.ratio))
                     raws.append(float(m.sample.median_ms))
+                    slow_retries += int(getattr(m, "slow_retries", 0))
                 ratio = statistics.median(ratios)
-                return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio}
+                return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
+                        "slow_retries": slow_retries}
             before = self._time(dense_path, self.dense)
             for _ in range(self.repeats):
                 raw = self._time(path, model)

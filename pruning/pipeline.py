@@ -115,6 +115,10 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
     cost_model = CostModel(graph)
     budget_cost = BudgetCost(request.budget, cost_model, latency)
 
+    meter = None
+    if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+        # One meter for the whole job, so the final reading knows the machine's quiet speed from the finisher's.
+        meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
     pruned_arch_path = ckpt / "pruned.arch.json" if ckpt else None
     pruned_weights_path = ckpt / "pruned.safetensors" if ckpt else None
     prune_info_path = ckpt / "pruned.info.json" if ckpt else None
@@ -131,10 +135,9 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         result.model.cpu().eval()
         round_to = int(result.info.get("finisher_round_to", 1))
         latency_fit = None
-        if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+        if meter is not None:
             # The device is the judge: the measured loop trims (or grows) from the method's own choice, which
             # may already have been corrected for the predictor's bias on this device.
-            meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
             latency_fit = fit_measured_latency(
                 budget_cost, result.scores, result.keep_masks, _measurer(result, graph, meter),
                 graph.sizes, request.latency_tolerance, request.latency_rounds, normalize, round_to)
@@ -203,14 +206,14 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
             "pruned": {"predicted": prune_info["predicted_cost"] if request.budget.kind == "latency_ms" else None,
                        "measured": measured_pruned},
         }
-        if request.budget.kind == "latency_ms" and can_measure:
-            meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
+        if meter is not None:
             fit_ms = [m["measured_ms"] for m in prune_info.get("latency_fit", {}).get("measurements", [])
                       if m["keep_counts"] == counts]
             final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None,
                                           request.latency_tolerance)
             report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"],
-                                                  readings_ms=final["readings_ms"])
+                                                  readings_ms=final["readings_ms"],
+                                                  slow_retries=final.get("slow_retries", 0))
         if "latency_fit" in prune_info:
             fit = prune_info["latency_fit"]
             report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"], rounds=fit["rounds"],

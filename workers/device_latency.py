@@ -21,9 +21,9 @@ class DeviceLatency(PredictOnly):
         return self.model.measure_ms(onnx_path, resolution=resolution)
 
     def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,  # noqa: ANN001
-                         reference_model=None):  # noqa: ANN001, ANN201 - latency.timing.Measurement
-        """The model timed interleaved with a reference model here (see LatencyModel.measure_relative)."""
-        return self.model.measure_relative(onnx_path, reference_path, model, reference_model)
+                         reference_model=None, quiet=None):  # noqa: ANN001, ANN201 - latency.timing types
+        """The model timed alternated with a reference model here (see LatencyModel.measure_relative)."""
+        return self.model.measure_relative(onnx_path, reference_path, model, reference_model, quiet)
 
 
 def load_device_latency(store: ArtifactStore, device: Device, predictor: Predictor) -> PredictOnly:

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from latency.timing import TimingPlan, measure, summarize
+from latency.timing import QuietReference, TimingPlan, measure, summarize
 
 
 class FakeClock:
@@ -119,3 +119,52 @@ def test_reference_alternates_run_by_run_so_a_steady_slowdown_hits_both_models_a
     assert order[:6] == ["s", "r", "r", "s", "s", "r"]
     assert m.ratio == pytest.approx(0.5, rel=0.05)
     assert m.sample.runs == m.reference.runs == 20
+
+
+def test_a_reading_in_a_slow_spell_is_retried_after_a_pause_and_flagged_if_the_spell_outlasts_the_retries():
+    # Slow spells add the same time to every inference, which inflates the small model's ratio (0.5 -> 0.6).
+    clock = FakeClock()
+    plan = TimingPlan(warmup_runs=0, blocks=2, runs_per_block=5, max_noise=10.0, max_attempts=1, slow_retries=2,
+                      slow_pause_s=0.7)
+    spell = {"extra_s": 0.0}
+
+    def model(base):
+        def run():
+            clock.now += base + spell["extra_s"]
+        return run
+
+    quiet = QuietReference()
+    m = measure(model(0.001), plan, clock, reference=model(0.002), quiet=quiet)
+    assert m.ratio == pytest.approx(0.5) and not m.slow and quiet.level_ms == pytest.approx(2.0)
+
+    pauses = []
+
+    def sleep(seconds):
+        pauses.append(seconds)
+        spell["extra_s"] = 0.0  # the spell is over after the pause
+
+    spell["extra_s"] = 0.0005
+    m = measure(model(0.001), plan, clock, reference=model(0.002), quiet=quiet, sleep=sleep)
+    assert pauses == [0.7]
+    assert m.ratio == pytest.approx(0.5) and not m.slow and m.slow_retries == 1 and m.attempts == 2
+
+    spell["extra_s"] = 0.0005
+    m = measure(model(0.001), plan, clock, reference=model(0.002), quiet=quiet, sleep=lambda s: None)
+    assert m.slow and m.slow_retries == 3 and m.attempts == 3
+    assert m.ratio == pytest.approx(0.0015 / 0.0025)
+
+    # Without a quiet level (or a reference) nothing is retried.
+    m = measure(model(0.001), plan, clock, reference=model(0.002), sleep=sleep)
+    assert m.attempts == 1 and not m.slow and m.ratio == pytest.approx(0.6)
+
+
+def test_quiet_level_is_the_fastest_of_a_window_so_a_lasting_slowdown_stops_counting_as_a_spell():
+    quiet = QuietReference(window=3)
+    assert quiet.level_ms is None and not quiet.is_slow(5.0, 0.08)
+    quiet.observe(2.0)
+    assert quiet.is_slow(2.5, 0.08) and not quiet.is_slow(2.1, 0.08)
+    for _ in range(3):
+        quiet.observe(2.5)
+    assert quiet.level_ms == pytest.approx(2.5) and not quiet.is_slow(2.5, 0.08)
+    with pytest.raises(ValueError):
+        TimingPlan(slow_retries=-1)

@@ -234,7 +234,8 @@ class RelativeLatency(FakeLatency):
     def measure_ms(self, onnx_path: str) -> float:
         raise AssertionError("timed alone although the device can time against the reference")
 
-    def measure_relative(self, onnx_path, reference_path, model=None, reference_model=None):  # noqa: ANN001, ANN201
+    def measure_relative(self, onnx_path, reference_path, model=None, reference_model=None,  # noqa: ANN001, ANN201
+                         quiet=None):  # noqa: ANN001
         from types import SimpleNamespace
 
         from tests.pruning.test_wgates import onnx_macs
