@@ -82,8 +82,8 @@ class DeviceMeter:
             if relative is not None:
                 # Medians timed one after the other differ by 5-30% on a loaded 2-core machine where alternated
                 # 10th percentiles differ by 1-4% (latency/timing.py); readings of one resnet56 configuration
-                # here spread over 0.79-1.14 ms, and the re-measure after fine-tuning read the finisher's choice
-                # 20-30% over the finisher's own reading of it.
+                # here spread over 0.79-1.14 ms. Without the quiet level, a job's final re-measure that fell in
+                # one of the VM's slow spells read the finisher's choice 20-30% over the finisher's own reading.
                 slow_retries = 0
                 for _ in range(self.repeats):
                     m = relative(str(path), str(dense_path), model=model, reference_model=self.dense,
