@@ -73,36 +73,35 @@ class DeviceMeter:
         return measure_model_ms(self.dense, self.input_shape, self.latency, self.describe)
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own median, 'ratio': to the dense model}."""
+        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own median, 'ratio': to the dense model,
+        'slow_retries': readings retried because they fell in a slow spell}."""
         with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
             dense_path = self._export(self.dense, Path(tmp) / "dense")
             path = self._export(model, Path(tmp) / "candidate")
-            ratios, raws = [], []
+            ratios, raws, slow_retries = [], [], 0
             relative = getattr(self.latency, "measure_relative", None)
             if relative is not None:
                 # Medians timed one after the other differ by 5-30% on a loaded 2-core machine where alternated
                 # 10th percentiles differ by 1-4% (latency/timing.py); readings of one resnet56 configuration
                 # here spread over 0.79-1.14 ms. Without the quiet level, a job's final re-measure that fell in
                 # one of the VM's slow spells read the finisher's choice 20-30% over the finisher's own reading.
-                slow_retries = 0
                 for _ in range(self.repeats):
                     m = relative(str(path), str(dense_path), model=model, reference_model=self.dense,
                                  quiet=self.quiet)
                     ratios.append(float(m.ratio))
                     raws.append(float(m.sample.median_ms))
                     slow_retries += int(getattr(m, "slow_retries", 0))
-                ratio = statistics.median(ratios)
-                return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
-                        "slow_retries": slow_retries}
-            before = self._time(dense_path, self.dense)
-            for _ in range(self.repeats):
-                raw = self._time(path, model)
-                after = self._time(dense_path, self.dense)
-                ratios.append(raw / max(0.5 * (before + after), 1e-12))
-                raws.append(raw)
-                before = after
+            else:
+                before = self._time(dense_path, self.dense)
+                for _ in range(self.repeats):
+                    raw = self._time(path, model)
+                    after = self._time(dense_path, self.dense)
+                    ratios.append(raw / max(0.5 * (before + after), 1e-12))
+                    raws.append(raw)
+                    before = after
         ratio = statistics.median(ratios)
-        return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio}
+        return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
+                "slow_retries": slow_retries}
 
     def _export(self, model: nn.Module, folder: Path) -> Path:
         from pruning import zoo
