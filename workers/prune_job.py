@@ -270,8 +270,10 @@ def _subnet_latency(session: Session, store: ArtifactStore, started: Started, re
     needs_measure = False
     measured = (report.get("latency_ms") or {}).get("pruned") or {}
     if started.device is not None:
+        # The number the job was judged by: timed against the dense model where the job had a latency budget
+        # (the absolute median alone read 0.536 ms for a model the meter put at 0.342 ms, in a slow spell).
         out[started.device.name] = {"predicted_ms": measured.get("predicted"),
-                                    "measured_ms": measured.get("measured")}
+                                    "measured_ms": measured.get("drift_corrected", measured.get("measured"))}
         needs_measure = measured.get("measured") is None
     for device in session.scalars(select(Device).where(Device.tenant_id == started.tenant_id)):
         if device.name in out:
