@@ -192,13 +192,21 @@ def trim_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor
 
 
 def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
-               normalize: bool = True) -> tuple[Masks, int]:
-    """Add back the most important removed channels while the cost still fits; (masks, channels added)."""
+               normalize: bool = True, caps: dict[int, int] | None = None) -> tuple[Masks, int]:
+    """Add back the most important removed channels while the cost still fits, no group past its count in
+    `caps`; (masks, channels added)."""
     masks = [m.clone().bool() for m in keep_masks]
     values = _values(scores, normalize)
     removed = sorted(((-float(values[g][c]), g, c) for g, m in enumerate(masks)
                       for c in torch.nonzero(~m).flatten().tolist()))
-    order = [(g, c) for _, g, c in removed]
+    room = {g: max(0, cap - int(masks[g].sum())) for g, cap in (caps or {}).items()}
+    order = []
+    for _, g, c in removed:
+        if g in room:
+            if room[g] == 0:
+                continue
+            room[g] -= 1
+        order.append((g, c))
 
     def after(k: int) -> Masks:
         out = [m.clone() for m in masks]
@@ -255,6 +263,49 @@ def between_masks(scores: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
     return out
 
 
+def capped_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], caps: dict[int, int]) -> Masks:
+    """Masks with every group in `caps` cut to at most that many kept channels, its best-scored kept ones."""
+    out = []
+    for g, (score, mask) in enumerate(zip(scores, keep_masks, strict=True)):
+        mask = mask.clone().bool()
+        cap = caps.get(g)
+        if cap is not None and int(mask.sum()) > cap:
+            values = torch.where(mask, score.detach().float(), torch.full_like(score.detach().float(), -math.inf))
+            mask = torch.zeros_like(mask)
+            mask[torch.topk(values, max(1, cap)).indices] = True
+        out.append(mask)
+    return out
+
+
+def cliff_caps(states: Sequence[tuple[Masks, float, float]], limit: float, low: float,
+               factor: float = 3.0, max_step: float = 0.1) -> tuple[tuple[Masks, float, float], dict[int, int]] | None:
+    """(start, caps) where the slowest configuration within `limit` reads under `low` and growing it by at most
+    `max_step` of its kept channels into a configuration over `limit` cost more than `factor` times the expected
+    step (the predicted one scaled by the start's measured/predicted ratio, or the start's latency per kept
+    channel, whichever is larger): a latency cliff. caps holds the start's counts of the groups that grew."""
+    feasible = [st for st in states if st[2] <= limit]
+    if not feasible:
+        return None
+    start = max(feasible, key=lambda st: st[2])
+    if start[2] >= low:
+        return None
+    base = _counts(start[0])
+    scale = start[2] / max(start[1], 1e-12)
+    caps: dict[int, int] = {}
+    for masks, predicted, measured in states:
+        counts = _counts(masks)
+        if measured <= limit or any(c < b for c, b in zip(counts, base, strict=True)):
+            continue
+        if sum(counts) - sum(base) > max_step * sum(base):
+            continue  # a wide step: the bracket's interpolation can still find its inside
+        # Either estimate alone misreads a smooth device: a predictor flat over a range of widths predicts no
+        # step at all, and latency in proportion to the kept channels under-counts convolutions' growth.
+        step_ms = max(max(predicted - start[1], 0.0) * scale, start[2] * (sum(counts) - sum(base)) / max(sum(base), 1))
+        if measured - start[2] > factor * step_ms:
+            caps.update({g: b for g, (c, b) in enumerate(zip(counts, base, strict=True)) if c > b})
+    return (start, caps) if caps else None
+
+
 def _tried(candidate: Masks, states: Sequence[tuple[Masks, float, float]]) -> bool:
     return any(_counts(candidate) == _counts(st[0]) for st in states)
 
@@ -304,7 +355,9 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     first, but only if the rounded model measures faster than the unrounded one. A reading that disagrees by
     more than the tolerance with what the last measurement implies (its measured/predicted ratio applied to the
     new prediction; the prediction itself for the first) is taken `confirm_readings` more times, and the median
-    counts, so one burst on a shared machine does not set off a trim.
+    counts, so one burst on a shared machine does not set off a trim. Where growing from a configuration under
+    the band to one over it cost far more than the predicted step (a latency cliff), the groups that grew are
+    held at their count (`capped_groups` in the measurement) and the others grow instead.
     """
     target = budget.target
     limit, low = target * (1 + tolerance), target * (1 - tolerance)
@@ -341,12 +394,33 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
                 states.pop()
     smallest = budget.hard([1] * len(sizes)) * (1 + 1e-6)
 
+    caps: dict[int, int] = {}  # groups held at a count because growing them fell off a latency cliff
+
+    def within_caps(st: tuple[Masks, float, float]) -> bool:
+        return all(int(st[0][g].sum()) <= cap for g, cap in caps.items())
+
     for _ in range(max_rounds):
         over, under = measured > limit, measured < low
         if not (over or (under and grow)):
             break
+        cliff = cliff_caps(states, limit, low) if grow and not fit.rounding_applied else None
+        if cliff is not None and not set(cliff[1]) <= set(caps):
+            # A few channels more read far slower than the predictor's step (onnxruntime's blocked kernels
+            # drop out when a count leaves the block: 204 kept channels of a resnet56 measured 0.712 ms, 207
+            # 0.980 ms), so no step between the two can land in the band: grow the other groups instead.
+            start, new_caps = cliff
+            caps.update({g: cap for g, cap in new_caps.items() if g not in caps})
+            aim = max(start[1] * target / max(start[2], 1e-12), smallest)
+            candidate, added = grow_masks(scores, start[0], lambda counts, aim=aim: budget.hard(counts) <= aim,
+                                          normalize, caps)
+            if added and not _tried(candidate, states):
+                fit.rounds += 1
+                masks = candidate
+                measured = record(masks, "grow_past_cliff")
+                fit.measurements[-1]["capped_groups"] = sorted(caps)
+                continue
         feasible = [st for st in states if st[2] <= limit]
-        too_slow = [st for st in states if st[2] > limit]
+        too_slow = [st for st in states if st[2] > limit and within_caps(st)]
         base, predicted = masks, budget.hard(_counts(masks))
         aim = predicted * target / measured
         if feasible and too_slow:
@@ -364,7 +438,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
         if budget.hard(_counts(base)) > aim:
             candidate, _ = trim_masks(scores, base, fits_aim, normalize)
         else:
-            candidate, _ = grow_masks(scores, base, fits_aim, normalize)
+            candidate, _ = grow_masks(scores, base, fits_aim, normalize, caps)
         if fit.rounding_applied:
             candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
         if _tried(candidate, states) and feasible and too_slow:
@@ -373,6 +447,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             over_end = min(too_slow, key=lambda st: st[2])
             share = (target - lo[2]) / max(over_end[2] - lo[2], 1e-12)
             candidate = between_masks(scores, lo[0], over_end[0], share, round_to if fit.rounding_applied else 1)
+        candidate = capped_masks(scores, candidate, caps)
         if _tried(candidate, states):
             break  # nothing new to try
         fit.rounds += 1

@@ -254,3 +254,34 @@ def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_th
     expected = float(cost.macs([int(m.sum()) for m in half])) / float(cost.dense_macs)
     assert abs(reading["ratio"] - expected) < 1e-6 and abs(reading["ms"] - 2.0 * expected) < 1e-6
     assert abs(reading["raw_ms"] - 1.5 * expected) < 1e-6
+
+
+def test_measured_latency_finisher_grows_other_groups_when_one_group_falls_off_a_latency_cliff():
+    model = zoo.build_model("resnet20", 10, 3).eval()
+    graph = ChannelGraph.build(model, (1, 3, 16, 16))
+    cost = CostModel(graph)
+    latency = FakeLatency(cost)
+    cliff_group = max(range(len(graph.sizes)), key=lambda g: graph.sizes[g])
+    start = [torch.arange(size) < 3 * size // 4 for size in graph.sizes]
+    start_counts = [int(m.sum()) for m in start]
+    start_ms = BudgetCost(Budget("latency_ms", 1.0, "fake"), cost, latency).hard(start_counts)
+    budget = cost_budget(cost, start_ms / 0.92, latency)
+    # The cliff group's removed channels score highest, so a plain grow takes them first.
+    scores = [torch.full((size,), 10.0) if g == cliff_group
+              else torch.rand(size, generator=torch.Generator().manual_seed(g)) for g, size in enumerate(graph.sizes)]
+
+    def device(masks):  # exact, but twice as slow once the cliff group keeps more than it starts with
+        counts = [int(m.sum()) for m in masks]
+        slow = counts[cliff_group] > start_counts[cliff_group]
+        return budget.hard(counts) * (2.0 if slow else 1.0)
+
+    fit = fit_measured_latency(budget, scores, start, device, graph.sizes, tolerance=0.05, max_rounds=3,
+                               normalize=False)
+    actions = [m["action"] for m in fit.measurements]
+    assert actions[:2] == ["initial", "grow"] and fit.measurements[1]["measured_ms"] > budget.target * 1.05
+    assert fit.measurements[1]["keep_counts"][cliff_group] > start_counts[cliff_group]
+    past = next(m for m in fit.measurements if m["action"] == "grow_past_cliff")
+    assert cliff_group in past["capped_groups"]
+    assert fit.within_tolerance and fit.measured_ms >= budget.target * 0.95, fit.measurements
+    assert [int(m.sum()) for m in fit.keep_masks][cliff_group] == start_counts[cliff_group]
+    assert sum(int(m.sum()) for m in fit.keep_masks) > sum(start_counts)
