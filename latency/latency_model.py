@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,29 @@ class LatencyModel:
             run = self._runner(Path(onnx_path), model, None)
             reference = self._runner(Path(reference_path), reference_model, None)
             return measure(run, self.plan, reference=reference, quiet=quiet)
+
+    def measure_against_dense(self, onnx_path: str | Path, num_classes: int = 10, in_channels: int = 3,
+                              model=None, quiet: QuietReference | None = None,  # noqa: ANN001 - an nn.Module
+                              repeats: int = 3) -> dict[str, float]:
+        """{'ms', 'ratio', 'raw_ms', 'slow_retries'}: the model timed alternated with the dense architecture (fresh
+        weights) at this predictor's resolution, ms = the median of `repeats` ratios x `reference_ms`, the
+        number LPNet's labels and a job's finisher go by; raw_ms is the model's own median."""
+        from latency.profiler import ProfileTarget, export_for_device
+
+        target = ProfileTarget.build(self.arch, self.resolution, num_classes, in_channels)
+        dense = target.model(target.group_sizes)
+        quiet = quiet if quiet is not None else QuietReference()
+        with tempfile.TemporaryDirectory(prefix="latprune-dense-") as tmp, torch_threads(self.spec.threads):
+            dense_path = Path(tmp) / "dense.onnx"
+            if self.spec.runtime == "onnxruntime":
+                export_for_device(dense, dense_path, self.spec, input_shape(self.spec, in_channels, self.resolution))
+            run = self._runner(Path(onnx_path), model, self.resolution)
+            reference = self._runner(dense_path, dense, self.resolution)
+            readings = [measure(run, self.plan, reference=reference, quiet=quiet) for _ in range(max(1, repeats))]
+        ratio = statistics.median(float(m.ratio) for m in readings)
+        return {"ms": ratio * self.reference_ms, "ratio": ratio,
+                "raw_ms": statistics.median(m.sample.median_ms for m in readings),
+                "slow_retries": sum(m.slow_retries for m in readings)}
 
     def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:
         """Re-time the dense model now and rescale predictions to it; returns new / old reference ms."""

@@ -196,7 +196,7 @@ class Subnet(Base):
     macs: Mapped[int] = mapped_column(BigInteger)
     params: Mapped[int] = mapped_column(BigInteger)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # {"<device id>": {"predicted_ms": float | None, "measured_ms": float | None}}
+    # {"<device id>": {"predicted_ms": float | None, "measured_ms": float | None, "raw_ms": float | None}}
     latency: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -10,6 +10,7 @@ from latency.predictors import evaluate_predictor, fit_predictor
 from latency.profiler import ProfileTarget, profile
 from latency.samples import SampleStore
 from latency.store import LatencyHome, load_latency_model
+from pruning.surgery import export_onnx
 from tests.latency.conftest import QUICK_PLAN
 
 SMALL = FitConfig(hidden=(16, 16), max_epochs=60, patience=15, members=2)
@@ -35,6 +36,16 @@ def test_one_predictor_covers_several_resolutions(tmp_path):
     assert model.resolution == 12 and model.reference_ms == pytest.approx(meta.reference_ms[0])
     report = evaluate_predictor(home, "cpu1", "resnet20", learning_curve=(), config=SMALL)
     assert report["resolutions"] == [12, 16] and report["learning_curve"] == []
+
+    # Timed against the dense architecture at the predictor's resolution, in the units the predictor speaks.
+    model.plan = QUICK_PLAN
+    target = ProfileTarget.build("resnet20", 12)
+    readings = {}
+    for name, counts in (("dense", target.group_sizes), ("tiny", [1] * len(target.group_sizes))):
+        path = export_onnx(target.model(counts), tmp_path / f"{name}.onnx", (1, 3, 12, 12))
+        readings[name] = model.measure_against_dense(path, repeats=2)
+        assert readings[name]["ms"] == pytest.approx(readings[name]["ratio"] * model.reference_ms)
+    assert 0.7 < readings["dense"]["ratio"] < 1.4 and readings["tiny"]["ratio"] < 0.8 * readings["dense"]["ratio"]
 
 
 def test_torch_runtime_profiles_and_measures_without_onnx(tmp_path, tiny_target):

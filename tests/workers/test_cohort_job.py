@@ -152,8 +152,12 @@ def test_an_ofa_job_runs_end_to_end_in_the_worker(tmp_path):
     dispose_engines()
 
 
+STUB_RATIO = 0.5
+
+
 def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
-    """LatencyModel.measure_ms without timing: the 'latency' is the input's side length, shapes are recorded."""
+    """LatencyModel's timing without timing: a model's median is its input's side length, its ratio to a
+    reference STUB_RATIO; the shapes of the models timed (references included) are recorded."""
     import types
 
     import latency.latency_model as latency_model
@@ -165,9 +169,13 @@ def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
             self.shape = tuple(shape)
             shapes.append(self.shape)
 
+    def measure(run, plan, reference=None, quiet=None):  # noqa: ANN001, ANN202
+        assert reference is None or reference.shape == run.shape  # the dense model at the subnet's resolution
+        return types.SimpleNamespace(sample=types.SimpleNamespace(median_ms=float(run.shape[-1])),
+                                     ratio=STUB_RATIO if reference is not None else None, slow_retries=0)
+
     monkeypatch.setattr(latency_model, "TorchRunner", Runner)
-    monkeypatch.setattr(latency_model, "measure", lambda run, plan: types.SimpleNamespace(
-        sample=types.SimpleNamespace(median_ms=float(run.shape[-1]))))
+    monkeypatch.setattr(latency_model, "measure", measure)
     return shapes
 
 
@@ -222,11 +230,16 @@ def test_latency_cohort_waits_for_a_predictor_at_every_resolution(tmp_path, monk
 
     shapes = _measure_stub(monkeypatch)
     assert run_measure(settings, job_id, device_id) == "succeeded"
-    assert sorted(shape[-1] for shape in shapes) == [12, 12, 16, 16]
+    # Every subnet timed against the dense model at its own resolution, with that resolution's predictor.
+    assert sorted(shape[-1] for shape in shapes) == [12] * 4 + [16] * 4
     with session_scope(settings.database_url) as s:
         assert s.get(Job, job_id).state == "succeeded"
+        reference_ms = {p.resolution: p.reference_ms for p in s.scalars(select(Predictor))}
+        assert reference_ms[12] != reference_ms[16]
         for sub in s.scalars(select(Subnet).where(Subnet.job_id == job_id)):
-            assert sub.latency[str(device_id)]["measured_ms"] == sub.resolution
+            entry = sub.latency[str(device_id)]
+            assert entry["measured_ms"] == pytest.approx(STUB_RATIO * reference_ms[sub.resolution])
+            assert entry["raw_ms"] == sub.resolution and entry["predicted_ms"] > 0
     dispose_engines()
 
 
@@ -272,10 +285,15 @@ def test_remeasure_on_a_torch_device_runs_each_subnet_at_its_own_resolution(tmp_
         job_id, device_id = job.id, device.id
     shapes = _measure_stub(monkeypatch)
     assert run_measure(settings, job_id, device_id) == "succeeded"
-    assert sorted(shape[-1] for shape in shapes) == [8, 12, 16]
+    assert sorted(shape[-1] for shape in shapes) == [8, 12, 16, 16]  # 16 px also times the dense model
     with session_scope(settings.database_url) as s:
         job = s.get(Job, job_id)
         assert job.state == "succeeded" and not (job.report or {}).get("measure_error")
+        reference_ms = 2.0  # save_random_predictor's dense reference
         for sub in s.scalars(select(Subnet).where(Subnet.job_id == job_id)):
-            assert sub.latency[str(device_id)]["measured_ms"] == sub.resolution
+            entry = sub.latency[str(device_id)]
+            if sub.resolution == 16:  # the predictor's: timed against the dense model, as the finisher does
+                assert entry["measured_ms"] == pytest.approx(STUB_RATIO * reference_ms) and entry["raw_ms"] == 16
+            else:  # no dense reference at this resolution: the subnet's median alone
+                assert entry["measured_ms"] == sub.resolution and entry["raw_ms"] is None
     dispose_engines()
