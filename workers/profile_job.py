@@ -114,16 +114,15 @@ def _store_samples(session: Session, predictor: Predictor, samples: list) -> Non
         for s, sizes in samples])
 
 
-def _measure_subnet(store: ArtifactStore, device: Device, subnet: Subnet, onnx_path: Path,
-                    predictor: Predictor | None, fallback: LatencyModel) -> dict:
+def _measure_subnet(subnet: Subnet, onnx_path: Path, model: LatencyModel | None, fallback: LatencyModel) -> dict:
     """{'measured_ms', 'raw_ms'}: timed against the dense model at the subnet's resolution, as a job's finisher
-    measures, where the device has a predictor (so a dense reference) there; else the subnet's median alone."""
-    if predictor is None:
+    measures, where the device has a predictor (`model`, so a dense reference) there; else the subnet's median
+    alone."""
+    if model is None:
         # Each subnet at its own resolution (a cohort's differ from each other and from the predictor's).
         return {"measured_ms": float(fallback.measure_ms(onnx_path, resolution=subnet.resolution)), "raw_ms": None}
     # Timed alone, a small model's median read 0.536 ms in one of a shared VM's slow spells where its ratio to
     # the dense model, timed alternated with it, put it at 0.342 ms (docs/latency.md).
-    model = load_latency_model(store, device, predictor, subnet.resolution).model
     arch = subnet.arch_json or {}
     reading = model.measure_against_dense(onnx_path, int(arch.get("num_classes", 10)), int(arch.get("in_channels", 3)))
     return {"measured_ms": reading["ms"], "raw_ms": reading["raw_ms"]}
@@ -158,10 +157,12 @@ def run_measure(settings: Settings, job_id: int, device_id: int) -> str:
         if predictor is None:
             raise ValueError(f"device {device.name!r} has no latency predictor for {job.arch}")
         fallback = load_latency_model(store, device, predictor, predictor.resolution).model
+        models = {res: load_latency_model(store, device, own, res).model
+                  for res, own in at_resolution.items() if own is not None}
         for subnet in subnets:
             if subnet.id in onnx:
-                measured[subnet.id] = _measure_subnet(store, device, subnet, store.resolve(onnx[subnet.id]),
-                                                      at_resolution.get(subnet.resolution), fallback)
+                measured[subnet.id] = _measure_subnet(subnet, store.resolve(onnx[subnet.id]),
+                                                      models.get(subnet.resolution), fallback)
     except Exception as exc:  # noqa: BLE001 - the job keeps its results; the failure is reported with them
         log.exception("re-measuring job %s on device %s failed", job_id, device_id)
         error = f"re-measuring on device {device.name!r} failed: {exc}"
