@@ -285,3 +285,34 @@ def test_measured_latency_finisher_grows_other_groups_when_one_group_falls_off_a
     assert fit.within_tolerance and fit.measured_ms >= budget.target * 0.95, fit.measurements
     assert [int(m.sum()) for m in fit.keep_masks][cliff_group] == start_counts[cliff_group]
     assert sum(int(m.sum()) for m in fit.keep_masks) > sum(start_counts)
+
+
+def test_measured_latency_finisher_reads_a_configuration_again_before_accepting_it_inside_the_band():
+    _, graph, cost = tiny_setup()
+    budget = cost_budget(cost, 0.6 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
+    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(g.index)) for g in graph.groups]
+    start, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)
+    start_counts = [int(m.sum()) for m in start]
+    faster = 0.75 * budget.target / budget.hard(start_counts)  # the start really reads 25% under
+
+    def lucky_device():
+        seen: list[list[int]] = []
+
+        def measure(current):  # the start's first reading comes out high, inside the band and near the prediction
+            counts = [int(m.sum()) for m in current]
+            seen.append(counts)
+            high = 0.95 / 0.75 if counts == start_counts and seen.count(counts) == 1 else 1.0
+            return budget.hard(counts) * faster * high
+
+        return measure
+
+    settled = fit_measured_latency(budget, scores, start, lucky_device(), graph.sizes, tolerance=0.1)
+    first = settled.measurements[0]
+    assert first["readings_ms"][0] > 0.9 * budget.target > first["measured_ms"]
+    assert settled.channels_added > 0 and settled.within_tolerance
+    assert settled.measured_ms >= 0.9 * budget.target
+    final = [m for m in settled.measurements if m["keep_counts"] == [int(k.sum()) for k in settled.keep_masks]]
+    assert len(final[-1]["readings_ms"]) == 3  # the accepted configuration was read three times too
+    trusting = fit_measured_latency(budget, scores, start, lucky_device(), graph.sizes, tolerance=0.1,
+                                    confirm_readings=0)
+    assert trusting.channels_added == 0 and trusting.measured_ms > 0.9 * budget.target
