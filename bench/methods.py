@@ -297,6 +297,8 @@ def section(rows: list[Row], dense_ms: dict[str, float], dense_acc: dict[str, li
 
 
 def main() -> None:
+    # Redirected to a file, stdout is block-buffered and a 35-minute run would show nothing until it ends.
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="resnet20,resnet56")
     parser.add_argument("--budgets", default="0.6,0.4", help="fractions of the dense latency")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from latency.timing import (
     TorchRunner,
     input_shape,
     measure,
+    relative_reading,
     torch_threads,
 )
 
@@ -118,10 +118,7 @@ class LatencyModel:
             run = self._runner(Path(onnx_path), model, self.resolution)
             reference = self._runner(dense_path, dense, self.resolution)
             readings = [measure(run, self.plan, reference=reference, quiet=quiet) for _ in range(max(1, repeats))]
-        ratio = statistics.median(float(m.ratio) for m in readings)
-        return {"ms": ratio * self.reference_ms, "ratio": ratio,
-                "raw_ms": statistics.median(m.sample.median_ms for m in readings),
-                "slow_retries": sum(m.slow_retries for m in readings)}
+        return relative_reading(readings, self.reference_ms)
 
     def calibrate(self, num_classes: int = 10, in_channels: int = 3) -> float:
         """Re-time the dense model now and rescale predictions to it; returns new / old reference ms."""

@@ -193,6 +193,15 @@ def measure(run: Run, plan: TimingPlan | None = None, clock: Clock = time.perf_c
     return best
 
 
+def relative_reading(readings: Sequence[Measurement], reference_ms: float) -> dict[str, float]:
+    """{'ms', 'ratio', 'raw_ms', 'slow_retries'} of alternated readings of one model: ms = the median ratio to the
+    reference x `reference_ms`, raw_ms = the median of the model's own medians, slow_retries summed."""
+    ratio = float(np.median([float(m.ratio) for m in readings]))
+    return {"ms": ratio * reference_ms, "ratio": ratio,
+            "raw_ms": float(np.median([m.sample.median_ms for m in readings])),
+            "slow_retries": sum(int(m.slow_retries) for m in readings)}
+
+
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Run a block with torch's intra-op thread count set to `threads`, restoring it afterwards."""

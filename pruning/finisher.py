@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latency.timing import QuietReference
+from latency.timing import QuietReference, relative_reading
 from pruning.budget import BudgetCost, BudgetError, LatencyPredictor, normalized_scores, trim_to_budget
 from pruning.groups import ChannelGraph
 from pruning.surgery import export_onnx, masks_from_counts, materialize
@@ -78,30 +78,26 @@ class DeviceMeter:
         with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
             dense_path = self._export(self.dense, Path(tmp) / "dense")
             path = self._export(model, Path(tmp) / "candidate")
-            ratios, raws, slow_retries = [], [], 0
             relative = getattr(self.latency, "measure_relative", None)
             if relative is not None:
                 # Medians timed one after the other differ by 5-30% on a loaded 2-core machine where alternated
                 # 10th percentiles differ by 1-4% (latency/timing.py); readings of one resnet56 configuration
                 # here spread over 0.79-1.14 ms. Without the quiet level, a job's final re-measure that fell in
                 # one of the VM's slow spells read the finisher's choice 20-30% over the finisher's own reading.
-                for _ in range(self.repeats):
-                    m = relative(str(path), str(dense_path), model=model, reference_model=self.dense,
-                                 quiet=self.quiet)
-                    ratios.append(float(m.ratio))
-                    raws.append(float(m.sample.median_ms))
-                    slow_retries += int(getattr(m, "slow_retries", 0))
-            else:
-                before = self._time(dense_path, self.dense)
-                for _ in range(self.repeats):
-                    raw = self._time(path, model)
-                    after = self._time(dense_path, self.dense)
-                    ratios.append(raw / max(0.5 * (before + after), 1e-12))
-                    raws.append(raw)
-                    before = after
+                return relative_reading([relative(str(path), str(dense_path), model=model,
+                                                  reference_model=self.dense, quiet=self.quiet)
+                                         for _ in range(self.repeats)], self.reference_ms)
+            ratios, raws = [], []
+            before = self._time(dense_path, self.dense)
+            for _ in range(self.repeats):
+                raw = self._time(path, model)
+                after = self._time(dense_path, self.dense)
+                ratios.append(raw / max(0.5 * (before + after), 1e-12))
+                raws.append(raw)
+                before = after
         ratio = statistics.median(ratios)
         return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
-                "slow_retries": slow_retries}
+                "slow_retries": 0}
 
     def _export(self, model: nn.Module, folder: Path) -> Path:
         from pruning import zoo

@@ -241,7 +241,7 @@ class RelativeLatency(FakeLatency):
         from tests.pruning.test_wgates import onnx_macs
 
         ratio = onnx_macs(onnx_path) / onnx_macs(reference_path)
-        return SimpleNamespace(ratio=ratio, sample=SimpleNamespace(median_ms=ratio * 1.5))
+        return SimpleNamespace(ratio=ratio, sample=SimpleNamespace(median_ms=ratio * 1.5), slow_retries=0)
 
 
 def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_the_device_can():
