@@ -53,9 +53,12 @@ class WGatesParams(MethodParams):
     floor_share: float = Field(1.0, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
                                                          "cost more than the target by more than floor_tolerance "
                                                          "(measured once on the device for latency budgets) are "
-                                                         "lowered by a common factor until they cost at most this "
-                                                         "share of the target, so that the gates can reach the "
-                                                         "budget; 0: fixed floors")
+                                                         "lowered (see floor_lowering) until they cost at most "
+                                                         "this share of the target, so that the gates can reach "
+                                                         "the budget; 0: fixed floors")
+    floor_lowering: Literal["together", "residual_first"] = Field(
+        "together", description="how floor_share lowers the floors: together scales both by one factor; "
+                                "residual_first lowers residual_min_keep to min_keep before both fall together")
     floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
                                                                 "more than the target by more than this share "
                                                                 "(within it, timings cannot tell them apart)")

@@ -46,21 +46,34 @@ def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float
             for size, res in zip(sizes, residual, strict=True)]
 
 
+def lowered_shares(min_keep: float, residual_min_keep: float, residual_first: bool = False,
+                   steps: int = 256) -> Iterator[tuple[float, float]]:
+    """(inner share, residual share) of the floors from the given ones down to (0, 0): with `residual_first`, the
+    residual share falls to the inner one before both fall together; else both fall by one common factor."""
+    start = min_keep if residual_first and residual_min_keep > min_keep else residual_min_keep
+    if start != residual_min_keep:
+        for step in range(steps, 0, -1):
+            yield min_keep, start + (residual_min_keep - start) * step / steps
+    for step in range(steps, -1, -1):
+        yield min_keep * step / steps, start * step / steps
+
+
 def budget_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
-                  cost: Callable[[list[int]], float], limit: float, steps: int = 256) -> tuple[list[int], float]:
-    """(floors, scale): group_floors at the largest scale in {1, 1 - 1/steps, ..., 0} whose floors cost at most
-    `limit` (scale 0, one channel per group, if none does)."""
+                  cost: Callable[[list[int]], float], limit: float,
+                  residual_first: bool = False) -> tuple[list[int], tuple[float, float]]:
+    """(floors, (inner share, residual share)): group_floors at the first shares of lowered_shares whose floors
+    cost at most `limit` (one channel per group, shares 0, if none do)."""
     # A scan from the top, not a bisection: LPNet is not monotone in the channel counts (off-grid counts can
     # predict slower than larger ones), and a bisection took resnet56 floors 0.1% over a budget down to 0.75.
     seen: dict[tuple[int, ...], bool] = {}
-    for step in range(steps, -1, -1):
-        floors = group_floors(sizes, residual, min_keep, residual_min_keep, step / steps)
+    for inner, stream in lowered_shares(min_keep, residual_min_keep, residual_first):
+        floors = [floor_count(size, stream if res else inner) for size, res in zip(sizes, residual, strict=True)]
         key = tuple(floors)
         if key not in seen:
             seen[key] = cost(floors) <= limit
         if seen[key]:
-            return floors, step / steps
-    return floors, 0.0
+            return floors, (inner, stream)
+    return floors, (0.0, 0.0)
 
 
 def first_channels(sizes: Sequence[int], counts: Sequence[int]) -> list[torch.Tensor]:
@@ -282,7 +295,7 @@ def run(ctx: MethodContext) -> MethodResult:
     sizes = [g.size for g in ctx.graph.groups]
     residual = [is_residual(model, g) for g in ctx.graph.groups]
     floors = group_floors(sizes, residual, p.min_keep, p.residual_min_keep)
-    floor_info: dict[str, float] = {"floor_scale": 1.0}
+    floor_info: dict[str, float] = {"floor_min_keep": p.min_keep, "floor_residual_min_keep": p.residual_min_keep}
     if p.floor_share > 0:
         # (ours) Floors that cost more than the budget pin every gate at its floor, and the finisher, not the
         # gates, then decides what goes (docs/methods.md, wgates item 8); lowered together until they fit, they
@@ -302,8 +315,9 @@ def run(ctx: MethodContext) -> MethodResult:
         # resnet20 floors measured 3.6% over one seed's budget and under another's), and lowering them there
         # cost accuracy for nothing: the finisher trims them if they do measure over.
         if floor_cost(floors) > (1 + p.floor_tolerance) * budget.target:
-            floors, floor_info["floor_scale"] = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep,
-                                                              floor_cost, p.floor_share * budget.target)
+            floors, shares = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep, floor_cost,
+                                           p.floor_share * budget.target, p.floor_lowering == "residual_first")
+            floor_info.update(floor_min_keep=shares[0], floor_residual_min_keep=shares[1])
     gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     dense_cost = budget.dense()
     # A small dataset gives the gates few steps per epoch; they need steps, not passes, to reach the target.

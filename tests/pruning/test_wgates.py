@@ -289,38 +289,53 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     assert saved["method_info"]["comparable_scores"] is True
 
 
-def test_budget_floors_are_lowered_together_until_they_fit_the_limit():
+def channel_total(counts):
+    return float(sum(counts))
+
+
+def test_budget_floors_lower_the_residual_streams_to_the_inner_share_first():
     sizes, residual = [16, 64], [False, True]
-
-    def channels(counts):
-        return float(sum(counts))
-
-    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 100.0) == ([4, 64], 1.0)
-    floors, scale = wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 34.0)
-    assert floors == [2, 32] and 0 < scale < 1
-    assert channels(wgates.group_floors(sizes, residual, 0.25, 1.0, scale + 0.02)) > 34.0  # the largest scale
+    unlowered = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 100.0, residual_first=True)
+    assert unlowered == ([4, 64], (0.25, 1.0))
+    floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0,
+                                                   residual_first=True)
+    assert floors == [4, 30] and inner == 0.25 and 0.25 < stream < 1
+    # Past the inner share, both fall together.
+    floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 10.0,
+                                                   residual_first=True)
+    assert floors == [2, 8] and inner == stream == pytest.approx(0.125)
     # Even one channel per group over the limit: one channel per group.
-    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channels, 1.0) == ([1, 1], 0.0)
+    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 1.0, True) == ([1, 1], (0.0, 0.0))
 
 
-def test_budget_floors_find_the_largest_fitting_scale_where_the_cost_is_not_monotone():
+def test_budget_floors_lowered_together_keep_the_floors_shape_by_default():
+    sizes, residual = [16, 64], [False, True]
+    floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0)
+    assert floors == [2, 32] and stream == pytest.approx(4 * inner) and 0 < stream < 1
+    larger = wgates.group_floors(sizes, residual, 0.25, 1.0, stream + 0.02)
+    assert channel_total(larger) > 34.0  # the largest scale that fits
+
+
+def test_budget_floors_find_the_largest_fitting_shares_where_the_cost_is_not_monotone():
     sizes, residual = [16, 64], [False, True]
 
     def bumpy(counts):  # like an LPNet off the channel grid: 33-48 residual channels predict slower than 64
         return float(sum(counts)) + (100.0 if 33 <= counts[1] <= 48 else 0.0)
 
-    # A bisection would try 0.5 (fits), then 0.75 (in the bump) and settle near half of the residual stream.
-    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, bumpy, 67.0) == ([4, 63], 252 / 256)
+    # A bisection would try the middle (fits), then above it (in the bump) and settle near half of the stream.
+    for residual_first in (True, False):
+        floors, _ = wgates.budget_floors(sizes, residual, 0.25, 1.0, bumpy, 67.0, residual_first)
+        assert floors == [4, 63]
 
 
 def test_floors_over_the_budget_pin_the_gates_unless_floor_share_lowers_them():
     fixed = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9, floor_share=0)
     pinned = wgates.run(fixed).info
-    assert pinned["floor_scale"] == 1.0
+    assert (pinned["floor_min_keep"], pinned["floor_residual_min_keep"]) == (0.9, 1.0)
     assert pinned["gate_keep_counts"] == pinned["floors"] and pinned["gate_cost"] > pinned["target"]
     shared = method_context("flops=0.4", epochs=3, gate_lr=0.5, anneal_share=0.3, min_keep=0.9, floor_share=0.8)
     info = wgates.run(shared).info
-    assert info["floor_scale"] < 1 and shared.budget.hard(info["floors"]) <= 0.8 * info["target"]
+    assert info["floor_min_keep"] < 0.9 and shared.budget.hard(info["floors"]) <= 0.8 * info["target"]
     assert info["gate_cost"] <= 1.05 * info["target"]
 
 
@@ -335,10 +350,10 @@ def test_latency_floors_are_sized_by_their_measured_latency(bias):
     assert info["floor_predicted"] == pytest.approx(ctx.budget.hard(fixed))
     assert info["floor_measured"] == pytest.approx(bias * info["floor_predicted"], rel=1e-4)
     if bias < 1:  # the device is faster than predicted: the floors measure under the budget and stay
-        assert info["floors"] == fixed and info["floor_scale"] == 1.0
+        assert info["floors"] == fixed and info["floor_min_keep"] == 0.9
     else:
         assert bias * ctx.budget.hard(info["floors"]) <= limit < bias * ctx.budget.hard(
-            wgates.group_floors(sizes, [False] * len(sizes), 0.9, 1.0, info["floor_scale"] + 0.05))
+            wgates.group_floors(sizes, [False] * len(sizes), info["floor_min_keep"] + 0.05, 1.0))
 
 
 @pytest.mark.parametrize("floor_tolerance", [0.05, 0.0])
@@ -351,6 +366,6 @@ def test_floors_within_the_tolerance_of_the_budget_are_left_alone(floor_toleranc
     info = wgates.run(ctx).info
     assert info["floor_measured"] == pytest.approx(1.03 * 0.05, rel=1e-4)
     if floor_tolerance > 0.03:
-        assert info["floors"] == fixed and info["floor_scale"] == 1.0
+        assert info["floors"] == fixed and info["floor_min_keep"] == 0.9
     else:
-        assert info["floor_scale"] < 1 and bias * ctx.budget.hard(info["floors"]) <= 0.05
+        assert info["floor_min_keep"] < 0.9 and bias * ctx.budget.hard(info["floors"]) <= 0.05
