@@ -39,10 +39,10 @@ def floor_count(size: int, min_keep: float) -> int:
     return min(size, max(1, math.ceil(min_keep * size - 1e-9)))
 
 
-def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
-                 scale: float = 1.0) -> list[int]:
-    """floor_count of every group, at `scale` x min_keep (inner groups) or x residual_min_keep (residual streams)."""
-    return [floor_count(size, scale * (residual_min_keep if res else min_keep))
+def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float,
+                 residual_min_keep: float) -> list[int]:
+    """floor_count of every group, at min_keep (inner groups) or residual_min_keep (residual streams)."""
+    return [floor_count(size, residual_min_keep if res else min_keep)
             for size, res in zip(sizes, residual, strict=True)]
 
 
@@ -67,7 +67,7 @@ def budget_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: floa
     # predict slower than larger ones), and a bisection took resnet56 floors 0.1% over a budget down to 0.75.
     seen: dict[tuple[int, ...], bool] = {}
     for inner, stream in lowered_shares(min_keep, residual_min_keep, residual_first):
-        floors = [floor_count(size, stream if res else inner) for size, res in zip(sizes, residual, strict=True)]
+        floors = group_floors(sizes, residual, inner, stream)
         key = tuple(floors)
         if key not in seen:
             seen[key] = cost(floors) <= limit
@@ -298,7 +298,7 @@ def run(ctx: MethodContext) -> MethodResult:
     floor_info: dict[str, float] = {"floor_min_keep": p.min_keep, "floor_residual_min_keep": p.residual_min_keep}
     if p.floor_share > 0:
         # (ours) Floors that cost more than the budget pin every gate at its floor, and the finisher, not the
-        # gates, then decides what goes (docs/methods.md, wgates item 8); lowered together until they fit, they
+        # gates, then decides what goes (docs/methods.md, wgates item 8); lowered until they fit, they
         # let the gates reach the budget themselves.
         floor_cost = budget.hard
         if latency is not None:

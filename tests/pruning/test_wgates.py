@@ -312,7 +312,7 @@ def test_budget_floors_lowered_together_keep_the_floors_shape_by_default():
     sizes, residual = [16, 64], [False, True]
     floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0)
     assert floors == [2, 32] and stream == pytest.approx(4 * inner) and 0 < stream < 1
-    larger = wgates.group_floors(sizes, residual, 0.25, 1.0, stream + 0.02)
+    larger = wgates.group_floors(sizes, residual, inner + 0.005, stream + 0.02)
     assert channel_total(larger) > 34.0  # the largest scale that fits
 
 
