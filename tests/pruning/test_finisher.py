@@ -55,6 +55,54 @@ def test_finisher_interpolates_counts_when_the_predictor_cannot_split_the_bracke
     assert len(tried) == len(set(tried))
 
 
+def _flat_start():
+    sizes = [16, 16]
+    scores = [torch.rand(16, generator=torch.Generator().manual_seed(g)) for g in range(2)]
+    masks = [torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.topk(s, 6).indices, True) for s in scores]
+    return sizes, scores, masks
+
+
+def test_finisher_keeps_bisecting_a_bracket_that_is_still_under_the_band_after_its_rounds():
+    sizes, scores, masks = _flat_start()
+    budget = FlatPredictor(target=0.6, flat_until=24)
+
+    def stepped(current):  # latency grows 20% per kept channel: only 20 channels land in the band
+        return 0.6 * 1.2 ** (sum(int(m.sum()) for m in current) - 20)
+
+    stopped = fit_measured_latency(budget, scores, masks, stepped, sizes, tolerance=0.05, bracket_rounds=0)
+    assert stopped.measured_ms < 0.6 * 0.95  # three rounds end on the bracket's low end
+    fit = fit_measured_latency(budget, scores, masks, stepped, sizes, tolerance=0.05)
+    assert sum(fit.measurements[-1]["keep_counts"]) == 20 and fit.measured_ms == 0.6, fit.measurements
+    assert fit.rounds == stopped.rounds + 2 <= 3 + 3
+
+
+def test_finisher_accepts_readings_only_up_to_half_the_tolerance_over_the_target():
+    sizes, scores, masks = _flat_start()
+    budget = FlatPredictor(target=0.6, flat_until=24)
+    budget.hard = lambda counts: sum(counts) / 32  # a predictor in proportion to the kept channels
+
+    def device(current):  # 13 kept channels read 4% over the target, 12 read 4% under
+        return 0.6 * (1.04 if sum(int(m.sum()) for m in current) >= 13 else 0.96)
+
+    start = between_masks(scores, masks, [torch.ones(16, dtype=torch.bool)] * 2, 1 / 20)
+    assert sum(int(m.sum()) for m in start) == 13
+    lenient = fit_measured_latency(budget, scores, start, device, sizes, tolerance=0.05, accept_over=0.05)
+    assert lenient.measured_ms == 0.6 * 1.04 and lenient.rounds == 0
+    fit = fit_measured_latency(budget, scores, start, device, sizes, tolerance=0.05)
+    assert fit.measured_ms == 0.6 * 0.96 and fit.channels_trimmed >= 1
+    assert fit.report()["accept_over"] == 0.025
+
+
+def test_between_masks_moves_the_total_by_whole_channels():
+    scores = [torch.rand(16, generator=torch.Generator().manual_seed(g)) for g in range(2)]
+    start = [torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.arange(n), True) for n in (10, 9)]
+    end = [torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.arange(n), True) for n in (12, 12)]
+    # One channel of the five between them; rounding each group alone gave 19 (nothing) or 21.
+    assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.1)) == 20
+    assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.25)) == 20
+    assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.6)) == 22
+
+
 def test_between_masks_steps_from_one_mask_towards_another():
     scores = [torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4])]
     start = [torch.tensor([1, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)]
