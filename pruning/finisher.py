@@ -445,6 +445,12 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
 
     rounds_left, bracket_left = max_rounds, bracket_rounds
     while True:
+        # Settled before the rounds are counted: a last round's reading inside the band that more readings put
+        # over it must still count as over (one job stopped there and restored a configuration 13% under).
+        measured = settle(masks)
+        over, under = measured > limit, measured < low
+        if not (over or (under and grow)):
+            break
         if rounds_left > 0:
             rounds_left -= 1
         elif bracket_left > 0 and _brackets_from_below(states, limit, low):
@@ -452,10 +458,6 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             # 1.07 of the target; each further step inside it halves the gap, and the band lies in between.
             bracket_left -= 1
         else:
-            break
-        measured = settle(masks)
-        over, under = measured > limit, measured < low
-        if not (over or (under and grow)):
             break
         cliff = cliff_caps(states, limit, low) if grow and not fit.rounding_applied else None
         if cliff is not None and not set(cliff[1]) <= set(caps):

@@ -76,6 +76,24 @@ def test_finisher_keeps_bisecting_a_bracket_that_is_still_under_the_band_after_i
     assert fit.rounds == stopped.rounds + 2 <= 3 + 3
 
 
+def test_finisher_goes_on_when_the_last_rounds_reading_is_read_again_over_the_band():
+    sizes, scores, masks = _flat_start()
+    budget = FlatPredictor(target=0.6, flat_until=32)
+    budget.hard = lambda counts: sum(counts) / 32  # the predictor agrees with the device's first readings
+    seen: list[int] = []
+
+    def device(current):  # 1 ms dense, in proportion to the kept channels; 19 channels read in band only once
+        n = sum(int(m.sum()) for m in current)
+        seen.append(n)
+        return 0.6 * 1.1 if n == 19 and seen.count(19) > 1 else n / 32
+
+    fit = fit_measured_latency(budget, scores, masks, device, sizes, tolerance=0.05, max_rounds=1)
+    assert [sum(m["keep_counts"]) for m in fit.measurements[:2]] == [12, 19]
+    assert fit.measurements[1]["readings_ms"][0] == 19 / 32 and fit.measurements[1]["measured_ms"] > 0.6 * 1.05
+    assert fit.rounds > 1 and sum(m.sum() for m in fit.keep_masks) == 18, fit.measurements
+    assert fit.measured_ms == 18 / 32  # not the 12-channel start the loop would have gone back to
+
+
 def test_finisher_accepts_readings_only_up_to_half_the_tolerance_over_the_target():
     sizes, scores, masks = _flat_start()
     budget = FlatPredictor(target=0.6, flat_until=24)
