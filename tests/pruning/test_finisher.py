@@ -115,7 +115,7 @@ def test_between_masks_moves_the_total_by_whole_channels():
     scores = [torch.rand(16, generator=torch.Generator().manual_seed(g)) for g in range(2)]
     start = [torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.arange(n), True) for n in (10, 9)]
     end = [torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.arange(n), True) for n in (12, 12)]
-    # One channel of the five between them; rounding each group alone gave 19 (nothing) or 21.
+    # The ends are five channels apart; rounding each group on its own gave 19 (no step) or 21 for these.
     assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.1)) == 20
     assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.25)) == 20
     assert sum(int(m.sum()) for m in between_masks(scores, start, end, 0.6)) == 22
