@@ -323,6 +323,12 @@ def _tried(candidate: Masks, states: Sequence[tuple[Masks, float, float]]) -> bo
     return any(_counts(candidate) == _counts(st[0]) for st in states)
 
 
+def accept_margin(tolerance: float, accept_over: float | None = None) -> float:
+    """How far over the target (a share of it) the finisher accepts a reading: `accept_over`, at most the
+    tolerance, else half the tolerance."""
+    return tolerance / 2 if accept_over is None else min(float(accept_over), tolerance)
+
+
 @dataclass
 class LatencyFit:
     """What the measured-latency finisher did: final masks, every measurement, channels trimmed/added."""
@@ -384,7 +390,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     held at their count (`capped_groups` in the measurement) and the others grow instead.
     """
     target = budget.target
-    accept_over = tolerance / 2 if accept_over is None else min(float(accept_over), tolerance)
+    accept_over = accept_margin(tolerance, accept_over)
     limit, low = target * (1 + accept_over), target * (1 - tolerance)
     masks = [m.clone().bool() for m in keep_masks]
     fit = LatencyFit(masks, target, tolerance, round_to=round_to, accept_over=accept_over)
@@ -504,9 +510,8 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             over_end = min(too_slow, key=lambda st: st[2])
             share = (target - lo[2]) / max(over_end[2] - lo[2], 1e-12)
             multiple = round_to if fit.rounding_applied else 1
-            # Rounding each group's count can land the step back on a measured end; move it a channel further
-            # towards the slow end at a time until it is new (a 19-channel end under the band and a 24 over it
-            # once stayed at 19, though 20 read inside).
+            # A share under half a channel from the feasible end rounds back onto it (or onto another measured
+            # configuration); move it a channel further towards the slow end at a time until it is new.
             steps = max(1, sum(abs(int(a.sum()) - int(b.sum())) for a, b in zip(lo[0], over_end[0], strict=True)))
             for extra in range(steps):
                 candidate = capped_masks(scores, between_masks(scores, lo[0], over_end[0], share + extra / steps,

@@ -20,7 +20,14 @@ from pruning import zoo
 from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
-from pruning.finisher import DeviceMeter, confirmed_measurement, fit_measured_latency, round_masks, trim_masks
+from pruning.finisher import (
+    DeviceMeter,
+    accept_margin,
+    confirmed_measurement,
+    fit_measured_latency,
+    round_masks,
+    trim_masks,
+)
 from pruning.groups import ChannelGraph
 from pruning.methods.context import MethodContext
 from pruning.registry import get_method, load_runner
@@ -210,7 +217,9 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
             fit_ms = [m["measured_ms"] for m in prune_info.get("latency_fit", {}).get("measurements", [])
                       if m["keep_counts"] == counts]
             # A disagreement of more than the finisher's margin under the limit calls for more readings.
-            accept_over = prune_info.get("latency_fit", {}).get("accept_over") or request.latency_tolerance / 2
+            accept_over = prune_info.get("latency_fit", {}).get("accept_over")
+            if accept_over is None:  # a checkpoint from before the finisher recorded it
+                accept_over = accept_margin(request.latency_tolerance)
             final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None,
                                           accept_over)
             report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"],
