@@ -538,3 +538,25 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     fit.channels_trimmed = sum(max(0, a - b) for a, b in zip(start, end, strict=True))
     fit.channels_added = sum(max(0, b - a) for a, b in zip(start, end, strict=True))
     return fit
+
+
+def trim_finetuned(model: nn.Module, input_shape: Sequence[int], group_roots: Sequence[str], budget: BudgetCost,
+                   meter: DeviceMeter, tolerance: float = 0.05, max_rounds: int = 3,
+                   accept_over: float | None = None) -> tuple[nn.Module, LatencyFit] | None:
+    """Trim an already materialized model (least filter-L1 channels first) while the device measures it over the
+    band, without growing it; (trimmed model, fit), or None where its channel groups are not the budget's
+    (`group_roots`, in the budget's order)."""
+    from pruning.importance import group_weight_norms
+
+    model = model.cpu().eval()
+    graph = ChannelGraph.build(model, input_shape)
+    if [g.root for g in graph.groups] != list(group_roots):
+        return None
+    scores = group_weight_norms(model, graph)
+    fit = fit_measured_latency(budget, scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups],
+                               lambda masks: meter.measure_masks(model, graph, masks)["ms"],
+                               [g.size for g in graph.groups], tolerance, max_rounds, normalize=True, grow=False,
+                               accept_over=accept_over)
+    if fit.channels_trimmed == 0:
+        return model, fit
+    return materialize(model, graph, fit.keep_masks).eval(), fit

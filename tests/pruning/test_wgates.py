@@ -285,9 +285,53 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     assert report["keep_counts"] == last["keep_counts"]
     # The final re-measure agrees with the finisher's last measurement, so it is taken once.
     assert section["pruned"]["readings_ms"] == [pytest.approx(last["measured_ms"], rel=1e-6)]
+    assert "post_finetune_trim" not in section  # the final reading is within the band
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["latency_ms"]["rounds"] == section["rounds"]
     assert saved["method_info"]["comparable_scores"] is True
+
+
+class SlowerAfterFinisher(PipelineLatency):
+    """A device on which pruned models read `slowdown` times slower once `slow` is set (after the finisher), while
+    the dense model does not: what the ratio to the dense model cannot cancel."""
+
+    def __init__(self, *args, slowdown: float = 1.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slowdown, self.slow = slowdown, False
+
+    def measure_ms(self, onnx_path: str) -> float:
+        macs = onnx_macs(onnx_path)
+        factor = self.slowdown if self.slow and macs < 0.99 * float(self.cost_model.dense_macs) else 1.0
+        return macs / 1e6 * self.ms_per_mmac * self.bias * factor
+
+
+def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path):
+    from pruning.pipeline import STAGE_SPAN
+
+    latency = SlowerAfterFinisher("resnet20", 16, 1, bias=1.0)
+    target = 0.5 * float(latency.cost_model.dense_macs) / 1e6
+
+    def progress(event):
+        if event["stage"] == "prune" and event["fraction"] == STAGE_SPAN["prune"][1]:
+            latency.slow = True  # the finisher is done; the final reading comes next
+
+    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="l1",
+                           budget=Budget("latency_ms", target, "fake"), epochs=0, finetune_epochs=1,
+                           resolution=16, seed=1)
+    report = run_prune(request, tmp_path, progress=progress, latency=latency)
+    section = report["latency_ms"]
+    accepted = section["measurements"][-1]
+    assert accepted["measured_ms"] <= target * 1.025
+    post = section["post_finetune_trim"]
+    assert post["measurements"][0]["measured_ms"] > target * 1.05  # the fine-tuned model now reads over
+    assert post["channels_trimmed"] > 0 and post["channels_added"] == 0
+    assert section["pruned"]["drift_corrected"] <= target * 1.05
+    assert sum(report["keep_counts"]) == sum(accepted["keep_counts"]) - post["channels_trimmed"]
+    assert report["keep_counts"] == post["measurements"][-1]["keep_counts"]
+    # What is delivered is the trimmed model, evaluated and exported after the trim.
+    assert onnx_macs(tmp_path / "model.onnx") == pytest.approx(report["pruned"]["macs"], rel=0.05)
+    saved, _ = zoo.load_pruned(tmp_path / "arch.json", tmp_path / "model.safetensors")
+    assert zoo.param_count(saved) == report["pruned"]["params"]
 
 
 def channel_total(counts):
