@@ -59,6 +59,10 @@ class WGatesParams(MethodParams):
     floor_lowering: Literal["together", "residual_first"] = Field(
         "together", description="how floor_share lowers the floors: together scales both by one factor; "
                                 "residual_first lowers residual_min_keep to min_keep before both fall together")
+    floor_residual_ratio: float | None = Field(
+        None, ge=1, description="with floor_lowering together: the residual streams' floor share first falls to "
+                                "this many times the inner one (inner floors stay), then both fall together; "
+                                "None: both fall together from the start")
     floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
                                                                 "more than the target by more than this share "
                                                                 "(within it, timings cannot tell them apart)")

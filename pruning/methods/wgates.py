@@ -47,10 +47,12 @@ def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float
 
 
 def lowered_shares(min_keep: float, residual_min_keep: float, residual_first: bool = False,
-                   steps: int = 256) -> Iterator[tuple[float, float]]:
-    """(inner share, residual share) of the floors from the given ones down to (0, 0): with `residual_first`, the
-    residual share falls to the inner one before both fall together; else both fall by one common factor."""
-    start = min_keep if residual_first and residual_min_keep > min_keep else residual_min_keep
+                   steps: int = 256, residual_ratio: float | None = None) -> Iterator[tuple[float, float]]:
+    """(inner share, residual share) of the floors from the given ones down to (0, 0): the residual share first
+    falls to `residual_ratio` x the inner one (1 with `residual_first`) while the inner share stays, then both fall
+    by one common factor (from the start with neither)."""
+    ratio = 1.0 if residual_first else residual_ratio
+    start = residual_min_keep if ratio is None else min(residual_min_keep, max(ratio, 0.0) * min_keep)
     if start != residual_min_keep:
         for step in range(steps, 0, -1):
             yield min_keep, start + (residual_min_keep - start) * step / steps
@@ -60,13 +62,14 @@ def lowered_shares(min_keep: float, residual_min_keep: float, residual_first: bo
 
 def budget_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float, residual_min_keep: float,
                   cost: Callable[[list[int]], float], limit: float,
-                  residual_first: bool = False) -> tuple[list[int], tuple[float, float]]:
+                  residual_first: bool = False, residual_ratio: float | None = None,
+                  ) -> tuple[list[int], tuple[float, float]]:
     """(floors, (inner share, residual share)): group_floors at the first shares of lowered_shares whose floors
     cost at most `limit` (one channel per group, shares 0, if none do)."""
     # A scan from the top, not a bisection: LPNet is not monotone in the channel counts (off-grid counts can
     # predict slower than larger ones), and a bisection took resnet56 floors 0.1% over a budget down to 0.75.
     seen: dict[tuple[int, ...], bool] = {}
-    for inner, stream in lowered_shares(min_keep, residual_min_keep, residual_first):
+    for inner, stream in lowered_shares(min_keep, residual_min_keep, residual_first, residual_ratio=residual_ratio):
         floors = group_floors(sizes, residual, inner, stream)
         key = tuple(floors)
         if key not in seen:
@@ -316,7 +319,8 @@ def run(ctx: MethodContext) -> MethodResult:
         # cost accuracy for nothing: the finisher trims them if they do measure over.
         if floor_cost(floors) > (1 + p.floor_tolerance) * budget.target:
             floors, shares = budget_floors(sizes, residual, p.min_keep, p.residual_min_keep, floor_cost,
-                                           p.floor_share * budget.target, p.floor_lowering == "residual_first")
+                                           p.floor_share * budget.target, p.floor_lowering == "residual_first",
+                                           p.floor_residual_ratio)
             floor_info.update(floor_min_keep=shares[0], floor_residual_min_keep=shares[1])
     gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     dense_cost = budget.dense()

@@ -361,6 +361,21 @@ def test_budget_floors_lowered_together_keep_the_floors_shape_by_default():
     assert channel_total(larger) > 34.0  # the largest scale that fits
 
 
+def test_budget_floors_lower_the_residual_streams_to_a_ratio_of_the_inner_share_first():
+    sizes, residual = [16, 64], [False, True]
+    # Within reach of the residual share alone: the inner floors keep their 25%.
+    floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 60.0,
+                                                   residual_ratio=3.0)
+    assert floors == [4, 56] and inner == 0.25 and 0.75 < stream < 1
+    # Below three times the inner share, both fall together at that ratio (not at the unlowered 4:1).
+    floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0,
+                                                   residual_ratio=3.0)
+    assert stream == pytest.approx(3 * inner) and inner < 0.25 and channel_total(floors) <= 34.0
+    together, _ = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0)
+    assert floors[0] > together[0] and floors[1] < together[1]
+    assert get_method("wgates").validate_params({"floor_residual_ratio": 3}).floor_residual_ratio == 3.0
+
+
 def test_budget_floors_find_the_largest_fitting_shares_where_the_cost_is_not_monotone():
     sizes, residual = [16, 64], [False, True]
 
