@@ -50,13 +50,12 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole unless floor_share lowers the floors")
-    floor_share: float = Field(0.9, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
+    floor_share: float = Field(1.0, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
                                                          "cost more than the target by more than floor_tolerance "
                                                          "(measured once on the device for latency budgets) are "
                                                          "lowered (see floor_lowering) until they cost at most "
                                                          "this share of the target, so that the gates can reach "
-                                                         "the budget and the rest of it is room for them to "
-                                                         "choose channels above the floors; 0: fixed floors")
+                                                         "the budget; 0: fixed floors")
     floor_lowering: Literal["together", "residual_first"] = Field(
         "together", description="how floor_share lowers the floors: together scales both by one factor; "
                                 "residual_first lowers residual_min_keep to min_keep before both fall together")
