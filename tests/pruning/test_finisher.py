@@ -153,6 +153,20 @@ def test_trim_and_grow_by_raw_or_normalized_scores():
     assert none == 0 and [m.tolist() for m in same] == [m.tolist() for m in masks]
 
 
+def test_grow_goes_past_a_channel_that_does_not_fit():
+    # Group 0's removed channel ranks first but costs 10 (a predictor's jump at one count); group 1's cost 1.
+    scores = [torch.tensor([5.0, 9.0]), torch.tensor([1.0, 3.0, 2.0, 0.5])]
+    masks = [torch.tensor([True, False]), torch.tensor([True, False, False, False])]
+
+    def fits(counts):
+        return 10 * (counts[0] - 1) + counts[1] <= 3
+
+    grown, added = grow_masks(scores, masks, fits, normalize=False)
+    assert added == 2 and grown[0].tolist() == [True, False]
+    assert grown[1].tolist() == [True, True, True, False]  # the best two of group 1's removed channels
+    assert fits([int(m.sum()) for m in grown])
+
+
 def test_rounding_to_a_channel_multiple():
     assert rounded_counts([5, 3, 12, 16], [16, 16, 16, 16], 4, "nearest") == [4, 4, 12, 16]
     assert rounded_counts([5, 3, 15, 16], [16, 16, 16, 16], 4, "down") == [4, 4, 12, 16]
