@@ -350,7 +350,8 @@ def main() -> None:
     dense_ms: dict[str, float] = {}
     dense_acc: dict[str, list[float]] = {}
     # (row label, method, params, gate epochs) of every job per (architecture, seed, budget)
-    runs = [(m, m, args.wgates_params if m == "wgates" else None, args.wgates_epochs) for m in args.methods.split(",")]
+    runs = [(m, m, args.wgates_params if m == "wgates" else None, args.wgates_epochs)
+            for m in args.methods.split(",") if m]
     runs += [(name, "wgates", params, gate) for name, (params, gate) in variants.items()]
     started = time.perf_counter()
     for arch in args.archs.split(","):

@@ -65,6 +65,9 @@ class DeviceMeter:
         self.repeats = max(1, int(repeats))
         self.dense = copy.deepcopy(dense).cpu().eval()
         self.quiet = QuietReference()
+        # The dense model never changes: exported once, for every reading (a temporary folder removed with the
+        # meter), not once per reading as before.
+        self._dense_folder: tempfile.TemporaryDirectory | None = None
         self.reference_ms = float(reference_ms if reference_ms is not None
                                   else getattr(latency, "reference_ms", None) or self.dense_ms())
 
@@ -75,8 +78,8 @@ class DeviceMeter:
     def measure(self, model: nn.Module) -> dict[str, float]:
         """{'ms': drift-corrected ms, 'raw_ms': the candidate's own median, 'ratio': to the dense model,
         'slow_retries': readings retried because they fell in a slow spell}."""
+        dense_path = self._dense_path()
         with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
-            dense_path = self._export(self.dense, Path(tmp) / "dense")
             path = self._export(model, Path(tmp) / "candidate")
             relative = getattr(self.latency, "measure_relative", None)
             if relative is not None:
@@ -98,6 +101,12 @@ class DeviceMeter:
         ratio = statistics.median(ratios)
         return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
                 "slow_retries": 0}
+
+    def _dense_path(self) -> Path:
+        if self._dense_folder is None:
+            self._dense_folder = tempfile.TemporaryDirectory(prefix="latprune-meter-dense-")
+        path = Path(self._dense_folder.name) / "model.onnx"
+        return path if path.exists() else self._export(self.dense, Path(self._dense_folder.name))
 
     def _export(self, model: nn.Module, folder: Path) -> Path:
         from pruning import zoo

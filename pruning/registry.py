@@ -69,11 +69,17 @@ class WGatesParams(MethodParams):
     min_gate_steps: int = Field(100, ge=0, description="if the gate epochs hold fewer steps than this at the "
                                                      "job's batch size, the gates train on smaller batches (not "
                                                      "below 16) so that they get this many; 0: the job's batch")
+    scale_weight_lr: bool = Field(False, description="when min_gate_steps makes the gates train on smaller batches "
+                                                    "than the job's, scale the weights' learning rate by the same "
+                                                    "factor (linear scaling rule)")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
     range_to_filters: bool = Field(False, description="whether the range term also pulls on the filter weights "
                                                     "(the gate scores are functions of them); false: on the gate "
                                                     "networks only")
+    cost_to_filters: bool = Field(True, description="whether the budget penalty also pulls on the filter weights "
+                                                   "(as in W-Gates); false: it trains the gate networks only and "
+                                                   "the weights learn from the task loss alone")
     range_mean: bool = Field(True, description="average the range term over each group's channels instead of "
                                                 "summing it (a pull that does not grow with the group's width)")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "

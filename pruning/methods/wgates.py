@@ -197,9 +197,15 @@ class GatedNetwork(nn.Module):
         self.current = [floored_gate(s, f) for s, f in zip(self.last_scores, self.floors, strict=True)]
         return self.model(inputs)
 
-    def keep_counts(self) -> torch.Tensor:
-        """Soft keep count of every group: the sums of the gates of the last forward pass (straight-through)."""
-        return torch.stack([g.sum() for g in self.current])
+    def keep_counts(self, through_filters: bool = True) -> torch.Tensor:
+        """Soft keep count of every group: the sums of the gates of the last forward pass (straight-through),
+        differentiable in the filters too unless `through_filters` is false."""
+        if through_filters:
+            return torch.stack([g.sum() for g in self.current])
+        # The same values (the filters have not changed since the forward pass), with the gradient stopping at
+        # the gate networks.
+        return torch.stack([floored_gate(s, f).sum()
+                            for s, f in zip(self.scores(through_filters=False), self.floors, strict=True)])
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
@@ -343,7 +349,7 @@ def run(ctx: MethodContext) -> MethodResult:
         return min(dense_cost, max(end, dense_cost + (end - dense_cost) * share))
 
     def penalty(net: GatedNetwork) -> torch.Tensor:
-        counts = net.keep_counts()
+        counts = net.keep_counts(through_filters=p.cost_to_filters)
         target = scheduled_target(net, int(net.steps_done) + 1)
         # The cost models live on the CPU; autograd carries the gradient back to the gates' device.
         cost = budget.soft(counts.cpu())
@@ -386,7 +392,12 @@ def run(ctx: MethodContext) -> MethodResult:
             ctx.progress({**event, "cost": None if last["cost"] != last["cost"] else last["cost"]})
 
     model_params = list(model.parameters())
-    param_groups = [{"params": model_params},
+    weight_lr = ctx.lr
+    if p.scale_weight_lr:
+        # Four times the steps at a quarter of the batch would move the weights four times as far from the
+        # trained ones at the job's learning rate; the gates keep theirs.
+        weight_lr = ctx.lr * int(loader.batch_size) / int(ctx.train_loader.batch_size)
+    param_groups = [{"params": model_params, "lr": weight_lr},
                     # No momentum on the gates: when the cost falls under the target their push stops at once.
                     {"params": gated.gate_parameters(), "lr": p.gate_lr, "weight_decay": 0.0, "momentum": 0.0}]
     try:

@@ -3,6 +3,8 @@ cliffs, interpolation when the predictor is no guide)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pruning import zoo
@@ -334,6 +336,31 @@ def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_th
     expected = float(cost.macs([int(m.sum()) for m in half])) / float(cost.dense_macs)
     assert abs(reading["ratio"] - expected) < 1e-6 and abs(reading["ms"] - 2.0 * expected) < 1e-6
     assert abs(reading["raw_ms"] - 1.5 * expected) < 1e-6
+
+
+def test_device_meter_exports_the_dense_model_once_for_all_its_readings(monkeypatch):
+    from pruning import finisher
+
+    model, graph, cost = tiny_setup()
+    meter = finisher.DeviceMeter(RelativeLatency(cost), model, graph.input_shape)
+    exported = []
+    real_export = finisher.export_onnx
+
+    def counting_export(net, path, input_shape):  # noqa: ANN001, ANN202
+        exported.append(net)
+        return real_export(net, path, input_shape)
+
+    monkeypatch.setattr(finisher, "export_onnx", counting_export)
+    half = [torch.arange(g.size) < max(1, g.size // 2) for g in graph.groups]
+    readings = [meter.measure_masks(model, graph, half)["ratio"] for _ in range(3)]
+    assert len(exported) == 4 and sum(net is meter.dense for net in exported) == 1
+    assert readings[0] == readings[1] == readings[2] < 1
+    dense_folder = meter._dense_folder.name
+    del meter
+    import gc
+
+    gc.collect()
+    assert not Path(dense_folder).exists()  # the dense export goes with its meter
 
 
 def test_measured_latency_finisher_grows_other_groups_when_one_group_falls_off_a_latency_cliff():

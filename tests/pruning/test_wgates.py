@@ -136,6 +136,20 @@ def test_budget_penalty_gradients_reach_gate_networks_and_filters():
     assert not model[1]._forward_hooks  # the gate hooks are gone: the bare model is back
 
 
+def test_keep_counts_without_the_filters_stop_the_penalty_at_the_gate_networks():
+    model, graph, cost = tiny_setup()
+    gated = wgates.GatedNetwork(model, graph, hidden=8)
+    gated(torch.randn(2, 3, 8, 8))
+    assert torch.equal(gated.keep_counts(through_filters=False), gated.keep_counts())
+    cost.macs(gated.keep_counts(through_filters=False)).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(float(gate.net[2].bias.grad) > 0 for gate in gated.gates)
+    gated.remove()
+    ctx = method_context("flops=0.5", epochs=2, cost_to_filters=False)
+    info = wgates.run(ctx).info
+    assert info["gate_cost"] <= 0.55 * ctx.budget.dense()
+
+
 def test_scores_without_the_filters_keep_the_range_term_off_them():
     model, graph, _ = tiny_setup()
     gated = wgates.GatedNetwork(model, graph, hidden=8)
@@ -253,6 +267,24 @@ def test_short_schedules_train_the_gates_on_smaller_batches():
     ctx = method_context("flops=0.5", epochs=2, min_gate_steps=8)
     ctx.train_loader = random_loader(n=64, batch=32)
     assert wgates.run(ctx).info["steps"] == 8  # 2 epochs of 4 batches of 16, not 2 of 2 batches of 32
+
+
+@pytest.mark.parametrize("scale_weight_lr", [False, True])
+def test_smaller_gate_batches_can_scale_the_weights_learning_rate(monkeypatch, scale_weight_lr):
+    seen = []
+
+    def recording_train(*args, params, **kwargs):
+        seen.append([(group["lr"] if "lr" in group else kwargs["lr"]) for group in params])
+        return real_train(*args, params=params, **kwargs)
+
+    real_train = wgates.train
+    monkeypatch.setattr(wgates, "train", recording_train)
+    ctx = method_context("flops=0.5", epochs=2, min_gate_steps=8, scale_weight_lr=scale_weight_lr, gate_lr=0.2)
+    ctx.train_loader = random_loader(n=64, batch=32)
+    wgates.run(ctx)
+    weights_lr, gates_lr = seen[0]
+    assert weights_lr == pytest.approx(ctx.lr * (16 / 32 if scale_weight_lr else 1.0))
+    assert gates_lr == 0.2  # the gates keep their own rate
 
 
 class PipelineLatency(FakeLatency):
