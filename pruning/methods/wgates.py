@@ -197,15 +197,12 @@ class GatedNetwork(nn.Module):
         self.current = [floored_gate(s, f) for s, f in zip(self.last_scores, self.floors, strict=True)]
         return self.model(inputs)
 
-    def keep_counts(self, through_filters: bool = True) -> torch.Tensor:
-        """Soft keep count of every group: the sums of the gates of the last forward pass (straight-through),
-        differentiable in the filters too unless `through_filters` is false."""
-        if through_filters:
+    def keep_counts(self, scores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Soft keep count of every group: the sums of the gates of the last forward pass (straight-through), or
+        of the floored gates of `scores` (such as scores(through_filters=False), to stop at the gate networks)."""
+        if scores is None:
             return torch.stack([g.sum() for g in self.current])
-        # The same values (the filters have not changed since the forward pass), with the gradient stopping at
-        # the gate networks.
-        return torch.stack([floored_gate(s, f).sum()
-                            for s, f in zip(self.scores(through_filters=False), self.floors, strict=True)])
+        return torch.stack([floored_gate(s, f).sum() for s, f in zip(scores, self.floors, strict=True)])
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
@@ -349,7 +346,12 @@ def run(ctx: MethodContext) -> MethodResult:
         return min(dense_cost, max(end, dense_cost + (end - dense_cost) * share))
 
     def penalty(net: GatedNetwork) -> torch.Tensor:
-        counts = net.keep_counts(through_filters=p.cost_to_filters)
+        # Scores with the filters' gradient cut, computed once for the budget and the range terms that use them
+        # (the filters have not changed since the forward pass, so their values are the forward pass's).
+        use_range = p.range_weight > 0
+        gate_only = (net.scores(through_filters=False)
+                     if not p.cost_to_filters or (use_range and not p.range_to_filters) else None)
+        counts = net.keep_counts() if p.cost_to_filters else net.keep_counts(gate_only)
         target = scheduled_target(net, int(net.steps_done) + 1)
         # The cost models live on the CPU; autograd carries the gradient back to the gates' device.
         cost = budget.soft(counts.cpu())
@@ -360,8 +362,8 @@ def run(ctx: MethodContext) -> MethodResult:
         gap = cost / target - 1.0
         violation = gap.abs() if settling and p.two_sided else torch.relu(gap)
         term = (float(net.penalty_weight) * violation).float().to(counts.device)
-        if p.range_weight > 0:
-            scores = net.last_scores if p.range_to_filters else net.scores(through_filters=False)
+        if use_range:
+            scores = net.last_scores if p.range_to_filters else gate_only
             term = term + p.range_weight * range_term(scores, p.range_mean)
         return term
 
