@@ -90,6 +90,10 @@ class WGatesParams(MethodParams):
                                                            "measured on the device during training, from the end "
                                                            "of the annealing on, to correct LPNet's bias")
     target_margin: float = Field(0.0, ge=0, lt=0.5, description="aim the gates this fraction under the target")
+    distill_weight: float = Field(0.0, ge=0, le=100, description="weight of a distillation term in the gate "
+                                                                 "training: the KL divergence of the gated model's "
+                                                                 "softened outputs from the dense model's (0: off)")
+    distill_temperature: float = Field(4.0, gt=0, le=100, description="temperature of that distillation term")
     device_rounding: bool = Field(True, description="with round_to=1, let the finisher round kept channels to "
                                                     "the latency device's channel_multiple if that measures faster")
 

@@ -89,6 +89,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence of the student's softened outputs from the (detached) teacher's, scaled by temperature^2."""
+    # The T^2 factor keeps the gradient's size independent of the temperature (Hinton et al., 2015).
+    soft = nn.functional.softmax(teacher_logits.detach() / temperature, dim=1)
+    student = nn.functional.log_softmax(student_logits / temperature, dim=1)
+    return nn.functional.kl_div(student, soft, reduction="batchmean") * temperature ** 2
+
+
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> float:
     """Top-1 accuracy of model on loader, in [0, 1]."""
     return evaluate_metrics(model, loader, device).accuracy

@@ -32,7 +32,7 @@ from pruning.groups import ChannelGraph
 from pruning.importance import group_bn_gammas
 from pruning.registry import OFAParams
 from pruning.surgery import gather_params, masks_from_counts, materialize, round_counts, slice_indices
-from pruning.train import Cancelled, train
+from pruning.train import Cancelled, distillation_loss, train
 
 SEARCH_STATE = "search_state.json"
 SEARCH_DONE = "search.json"
@@ -309,7 +309,6 @@ class SandwichNet(nn.Module):
         plan = sandwich_members(self.costs, self.sampled)  # torch's RNG: train() checkpoints it, resume is exact
         self.last_plan = plan
         teacher = self.run(plan[0], x)
-        soft = F.softmax(teacher.detach() / self.temperature, dim=1)
         shared = dict(self.model.named_parameters())
         resized: dict[int, torch.Tensor] = {}
         loss = teacher.new_zeros(())
@@ -319,8 +318,7 @@ class SandwichNet(nn.Module):
                 resized[resolution] = resize(x, resolution)
             subnet = self.subnets[index]
             logits = self.model(resized[resolution]) if subnet is None else subnet(shared, resized[resolution])
-            student = F.log_softmax(logits / self.temperature, dim=1)
-            loss = loss + F.kl_div(student, soft, reduction="batchmean") * self.temperature ** 2
+            loss = loss + distillation_loss(logits, teacher, self.temperature)
         self.pending = loss
         return teacher
 

@@ -4,6 +4,7 @@ against a differentiable cost (the device's LPNet latency, or MACs/params) with 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from pruning.data import shuffled_loader
 from pruning.finisher import DeviceMeter
 from pruning.groups import ChannelGraph, ChannelGroup
 from pruning.methods.context import MethodContext, MethodResult
-from pruning.train import train
+from pruning.train import distillation_loss, train
 
 # Added to the scores of channels within a floor: far above any score the range term lets a gate reach.
 FLOOR_RANK = 100.0
@@ -155,6 +156,9 @@ class GatedNetwork(nn.Module):
         self.register_buffer("latency_correction", torch.tensor(1.0))
         self.current: list[torch.Tensor] = []
         self.last_scores: list[torch.Tensor] = []
+        # The last forward pass's inputs and outputs, for losses that compare it with another network.
+        self.last_inputs: torch.Tensor | None = None
+        self.last_outputs: torch.Tensor | None = None
         self._handles: list = []
         self.attach()
 
@@ -195,7 +199,9 @@ class GatedNetwork(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         self.last_scores = self.scores()
         self.current = [floored_gate(s, f) for s, f in zip(self.last_scores, self.floors, strict=True)]
-        return self.model(inputs)
+        self.last_inputs = inputs
+        self.last_outputs = self.model(inputs)
+        return self.last_outputs
 
     def keep_counts(self, scores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Soft keep count of every group: the sums of the gates of the last forward pass (straight-through), or
@@ -212,6 +218,7 @@ class GatedNetwork(nn.Module):
         self.detach()
         self.current = []
         self.last_scores = []
+        self.last_inputs = self.last_outputs = None
         return self.model
 
 
@@ -325,6 +332,12 @@ def run(ctx: MethodContext) -> MethodResult:
                                            p.floor_share * budget.target, p.floor_lowering == "residual_first",
                                            p.floor_residual_ratio)
             floor_info.update(floor_min_keep=shares[0], floor_residual_min_keep=shares[1])
+    teacher = None
+    if p.distill_weight > 0:
+        # (ours) A converged dense model fits its training set, so cross-entropy barely moves when a gate
+        # closes and the budget's gradient alone picks the channels (docs/methods.md, wgates item 5); the
+        # distance to the dense model's softened outputs still tells which channels its function needs.
+        teacher = copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)
     gated = GatedNetwork(model, ctx.graph, p.hidden, p.init_score, p.lambda_init, p.norm_weight, floors)
     dense_cost = budget.dense()
     # A small dataset gives the gates few steps per epoch; they need steps, not passes, to reach the target.
@@ -365,6 +378,11 @@ def run(ctx: MethodContext) -> MethodResult:
         if use_range:
             scores = net.last_scores if p.range_to_filters else gate_only
             term = term + p.range_weight * range_term(scores, p.range_mean)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = teacher(net.last_inputs)
+            term = term + p.distill_weight * distillation_loss(net.last_outputs, teacher_outputs,
+                                                               p.distill_temperature)
         return term
 
     def check_latency(net: GatedNetwork, step: int) -> None:

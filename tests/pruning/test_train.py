@@ -13,6 +13,7 @@ from pruning.train import (
     CheckpointError,
     TrainingError,
     checkpoint_path,
+    distillation_loss,
     evaluate,
     evaluate_metrics,
     pick_device,
@@ -232,3 +233,16 @@ def test_pick_device_and_seed_everything():
     first = torch.rand(4)
     seed_everything(11)
     assert torch.equal(first, torch.rand(4))
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl_from_the_teacher_and_trains_only_the_student():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], requires_grad=True)
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]], requires_grad=True)
+    assert float(distillation_loss(teacher.detach(), teacher, 4.0)) == pytest.approx(0.0, abs=1e-5)
+    loss = distillation_loss(student, teacher, 2.0)
+    p = torch.softmax(teacher.detach() / 2, dim=1)
+    q = torch.softmax(student.detach() / 2, dim=1)
+    expected = float((p * (p.log() - q.log())).sum(dim=1).mean()) * 4
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5) and float(loss.detach()) > 0
+    loss.backward()
+    assert teacher.grad is None and float(student.grad.abs().sum()) > 0

@@ -288,6 +288,43 @@ def test_smaller_gate_batches_can_scale_the_weights_learning_rate(monkeypatch, s
     assert gates_lr == 0.2  # the gates keep their own rate
 
 
+@pytest.mark.parametrize("distill_weight", [0.0, 2.0])
+def test_distillation_compares_the_gated_model_with_the_frozen_dense_model(monkeypatch, distill_weight):
+    calls = []
+
+    def recording_loss(student, teacher, temperature):
+        calls.append((student, teacher, temperature))
+        return real_loss(student, teacher, temperature)
+
+    real_loss = wgates.distillation_loss
+    monkeypatch.setattr(wgates, "distillation_loss", recording_loss)
+    ctx = method_context("flops=0.4", epochs=2, gate_lr=0.5, anneal_share=0.3, distill_weight=distill_weight,
+                         distill_temperature=3.0)
+    dense = copy.deepcopy(ctx.model).eval()
+    seen_inputs = []
+    real_forward = wgates.GatedNetwork.forward
+
+    def recording_forward(self, inputs):
+        seen_inputs.append(inputs)
+        return real_forward(self, inputs)
+
+    monkeypatch.setattr(wgates.GatedNetwork, "forward", recording_forward)
+    result = wgates.run(ctx)
+    if distill_weight == 0:
+        assert calls == []
+        return
+    assert len(calls) == result.info["steps"] == len(seen_inputs)
+    for (student, teacher, temperature), inputs in zip(calls, seen_inputs, strict=True):
+        assert temperature == 3.0 and student.requires_grad and not teacher.requires_grad
+        with torch.no_grad():
+            # The teacher is the dense model as it was before the gates trained, in eval mode.
+            assert torch.allclose(teacher, dense(inputs), atol=1e-5)
+    # The student does train: its weights (and so its outputs) leave the dense model's.
+    last_student, last_teacher, _ = calls[-1]
+    assert float((last_student.detach() - last_teacher).abs().max()) > 1e-3
+    assert any(float((a - b).abs().max()) > 0 for a, b in zip(ctx.model.parameters(), dense.parameters(), strict=True))
+
+
 class PipelineLatency(FakeLatency):
     """FakeLatency for run_prune: builds its cost model lazily from the dense model the pipeline trains."""
 
