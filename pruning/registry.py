@@ -34,6 +34,9 @@ class L1Params(MethodParams):
 class WGatesParams(MethodParams):
     hidden: int = Field(32, ge=1, le=1024, description="hidden width of each group's gate network")
     gate_lr: float = Field(0.05, gt=0, le=10, description="SGD learning rate of the gate networks")
+    gate_lr_by_width: bool = Field(False, description="scale each group's gate learning rate by the mean group "
+                                                      "width over its width, so that a wide group's gates do not "
+                                                      "move faster because more channels push on them")
     lambda_init: float = Field(1.0, gt=0, description="initial weight of the budget penalty")
     lambda_rate: float = Field(0.05, ge=0, le=1, description="per-step relative change of the penalty weight "
                                                               "(up while over the target, down while under)")

@@ -136,6 +136,29 @@ def test_budget_penalty_gradients_reach_gate_networks_and_filters():
     assert not model[1]._forward_hooks  # the gate hooks are gone: the bare model is back
 
 
+@pytest.mark.parametrize("by_width", [False, True])
+def test_gate_learning_rates_by_width_move_every_group_alike_at_the_same_push_per_channel(by_width):
+    model, graph, _ = tiny_setup()
+    gated = wgates.GatedNetwork(model, graph, hidden=8)
+    assert graph.sizes == [8, 12]
+    groups = gated.gate_param_groups(0.1, by_width)
+    assert all(g["momentum"] == 0.0 and g["weight_decay"] == 0.0 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(gated.gate_parameters())
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    before = [float(gate.net[2].bias) for gate in gated.gates]
+    # Every channel pushes its score up by the same gradient, 1.
+    sum(s.sum() for s in gated.scores(through_filters=False)).backward()
+    optimizer.step()
+    moves = [float(gate.net[2].bias) - b for gate, b in zip(gated.gates, before, strict=True)]
+    if by_width:
+        assert [g["lr"] for g in groups] == pytest.approx([0.1 * 10 / 8, 0.1 * 10 / 12])
+        assert moves[0] == pytest.approx(moves[1], rel=1e-5)  # 0.1 x mean width, either group
+    else:
+        assert len(groups) == 1 and groups[0]["lr"] == 0.1
+        assert moves[1] == pytest.approx(moves[0] * 12 / 8, rel=1e-5)  # the sum of the group's channels
+    gated.remove()
+
+
 def test_keep_counts_without_the_filters_stop_the_penalty_at_the_gate_networks():
     model, graph, cost = tiny_setup()
     gated = wgates.GatedNetwork(model, graph, hidden=8)
