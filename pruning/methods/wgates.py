@@ -216,6 +216,7 @@ class GatedNetwork(nn.Module):
     def gate_param_groups(self, lr: float, by_width: bool = False) -> list[dict]:
         """SGD parameter groups of the gate networks (no momentum, no weight decay) at `lr`, or with `by_width`
         one per group at lr x mean group width / its width."""
+        # No momentum: when the cost falls under the target, the gates' push stops at once.
         settings = {"weight_decay": 0.0, "momentum": 0.0}
         if not by_width:
             return [{"params": self.gate_parameters(), "lr": lr, **settings}]
@@ -430,7 +431,6 @@ def run(ctx: MethodContext) -> MethodResult:
         # Four times the steps at a quarter of the batch would move the weights four times as far from the
         # trained ones at the job's learning rate; the gates keep theirs.
         weight_lr = ctx.lr * int(loader.batch_size) / int(ctx.train_loader.batch_size)
-    # No momentum on the gates: when the cost falls under the target their push stops at once.
     param_groups = [{"params": model_params, "lr": weight_lr},
                     *gated.gate_param_groups(p.gate_lr, p.gate_lr_by_width)]
     try:
