@@ -226,6 +226,8 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
             report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"],
                                                   readings_ms=final["readings_ms"],
                                                   slow_retries=final.get("slow_retries", 0))
+            if "earlier_ms" in final:  # decided with the finisher's readings of the same configuration
+                report["latency_ms"]["pruned"]["finisher_readings_ms"] = final["earlier_ms"]
         if "latency_fit" in prune_info:
             fit = prune_info["latency_fit"]
             report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"],
@@ -256,7 +258,10 @@ def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter
     if accept_over is None:  # a checkpoint from before the finisher recorded it
         accept_over = accept_margin(request.latency_tolerance)
     final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None, accept_over)
-    if final["ms"] <= budget_cost.target * (1 + request.latency_tolerance):
+    limit = budget_cost.target * (1 + request.latency_tolerance)
+    if final["ms"] > limit and fit_ms and fit_ms[-1] <= limit:
+        final = _pooled_reading(pruned, meter, fit_info, counts, final)
+    if final["ms"] <= limit:
         return final, pruned, None
     # The finisher's readings and this one are minutes apart; on a shared machine the model can read over the
     # budget now though it read within it then (one job: accepted at 1.05, final 1.10). What the user gets is
@@ -268,6 +273,24 @@ def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter
     model, fit = trimmed
     final = confirmed_measurement(lambda: meter.measure(model), fit.measured_ms, accept_over)
     return final, model, fit
+
+
+def _pooled_reading(pruned: torch.nn.Module, meter: DeviceMeter, fit_info: dict, counts: list[int], final: dict,
+                    again: int = 3) -> dict:
+    """`final` (over the limit) decided again: `again` more readings, and the median of every reading of this
+    configuration, the finisher's included."""
+    # Fine-tuning changed the weights, not the structure the finisher measured within the limit, so the two
+    # disagree only by timing noise; the median of all their readings decides whether to trim. A slow spell once
+    # read 1.16-1.39 ms for a configuration the finisher had read at 1.01-1.12 ms against 1.059 ms, and the trim
+    # of the fine-tuned model that followed removed 76 channels (10% accuracy, 0.63 of the budget).
+    earlier = [ms for m in fit_info.get("measurements", []) if m["keep_counts"] == counts
+               for ms in m.get("readings_ms", [m["measured_ms"]])]
+    readings = [meter.measure(pruned) for _ in range(again)]
+    listed = final["readings_ms"] + [r["ms"] for r in readings]
+    pooled = sorted(earlier + listed)
+    ms = pooled[(len(pooled) - 1) // 2]
+    return {**final, "ms": ms, "ratio": ms / meter.reference_ms, "readings_ms": listed, "earlier_ms": earlier,
+            "slow_retries": final.get("slow_retries", 0) + sum(r.get("slow_retries", 0) for r in readings)}
 
 
 def _counts_of(masks: list[torch.Tensor]) -> list[int]:

@@ -427,6 +427,46 @@ def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_
     assert zoo.param_count(saved) == report["pruned"]["params"]
 
 
+class SlowSpellAfterFinisher(SlowerAfterFinisher):
+    """SlowerAfterFinisher whose slowness lasts only `spell` readings of pruned models once `slow` is set."""
+
+    def __init__(self, *args, spell: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spell = spell
+
+    def measure_ms(self, onnx_path: str) -> float:
+        ms = super().measure_ms(onnx_path)
+        if self.slow and onnx_macs(onnx_path) < 0.99 * float(self.cost_model.dense_macs):
+            self.spell -= 1
+            self.slow = self.spell > 0
+        return ms
+
+
+def test_a_slow_spell_after_the_finisher_does_not_trim_the_fine_tuned_model(tmp_path):
+    from pruning.pipeline import STAGE_SPAN
+
+    # Each reading times the candidate 5 times: the spell covers the first 3 final readings, not the next ones.
+    latency = SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=15)
+    target = 0.5 * float(latency.cost_model.dense_macs) / 1e6
+
+    def progress(event):
+        if event["stage"] == "prune" and event["fraction"] == STAGE_SPAN["prune"][1]:
+            latency.slow = True
+
+    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="l1",
+                           budget=Budget("latency_ms", target, "fake"), epochs=0, finetune_epochs=1,
+                           resolution=16, seed=1)
+    report = run_prune(request, tmp_path, progress=progress, latency=latency)
+    section = report["latency_ms"]
+    accepted = section["measurements"][-1]
+    pruned = section["pruned"]
+    assert "post_finetune_trim" not in section and report["keep_counts"] == accepted["keep_counts"]
+    readings = pruned["readings_ms"]
+    assert len(readings) == 6 and all(ms > target * 1.05 for ms in readings[:3])
+    assert all(ms == pytest.approx(accepted["measured_ms"], rel=1e-6) for ms in readings[3:])
+    assert pruned["finisher_readings_ms"] and pruned["drift_corrected"] == pytest.approx(accepted["measured_ms"])
+
+
 def channel_total(counts):
     return float(sum(counts))
 
