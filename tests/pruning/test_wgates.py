@@ -398,10 +398,10 @@ class SlowerAfterFinisher(PipelineLatency):
         return macs / 1e6 * self.ms_per_mmac * self.bias * factor
 
 
-def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path):
+def prune_slower_after_finisher(latency: SlowerAfterFinisher, out) -> tuple[dict, float]:
+    """(report, target ms) of an l1 job at half the dense latency on `latency`, slowed once the finisher is done."""
     from pruning.pipeline import STAGE_SPAN
 
-    latency = SlowerAfterFinisher("resnet20", 16, 1, bias=1.0)
     target = 0.5 * float(latency.cost_model.dense_macs) / 1e6
 
     def progress(event):
@@ -411,7 +411,11 @@ def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_
     request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="l1",
                            budget=Budget("latency_ms", target, "fake"), epochs=0, finetune_epochs=1,
                            resolution=16, seed=1)
-    report = run_prune(request, tmp_path, progress=progress, latency=latency)
+    return run_prune(request, out, progress=progress, latency=latency), target
+
+
+def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path):
+    report, target = prune_slower_after_finisher(SlowerAfterFinisher("resnet20", 16, 1, bias=1.0), tmp_path)
     section = report["latency_ms"]
     accepted = section["measurements"][-1]
     assert accepted["measured_ms"] <= target * 1.025
@@ -443,20 +447,9 @@ class SlowSpellAfterFinisher(SlowerAfterFinisher):
 
 
 def test_a_slow_spell_after_the_finisher_does_not_trim_the_fine_tuned_model(tmp_path):
-    from pruning.pipeline import STAGE_SPAN
-
     # Each reading times the candidate 5 times: the spell covers the first 3 final readings, not the next ones.
-    latency = SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=15)
-    target = 0.5 * float(latency.cost_model.dense_macs) / 1e6
-
-    def progress(event):
-        if event["stage"] == "prune" and event["fraction"] == STAGE_SPAN["prune"][1]:
-            latency.slow = True
-
-    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="l1",
-                           budget=Budget("latency_ms", target, "fake"), epochs=0, finetune_epochs=1,
-                           resolution=16, seed=1)
-    report = run_prune(request, tmp_path, progress=progress, latency=latency)
+    report, target = prune_slower_after_finisher(SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=15),
+                                                 tmp_path)
     section = report["latency_ms"]
     accepted = section["measurements"][-1]
     pruned = section["pruned"]
