@@ -252,7 +252,9 @@ def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter
     where that reading is over the budget by more than the tolerance."""
     fit_info = prune_info.get("latency_fit", {})
     counts = prune_info["keep_counts"]
-    fit_ms = [m["measured_ms"] for m in fit_info.get("measurements", []) if m["keep_counts"] == counts]
+    # The finisher's measurements of the configuration the fine-tuned model still has.
+    same = [m for m in fit_info.get("measurements", []) if m["keep_counts"] == counts]
+    fit_ms = [m["measured_ms"] for m in same]
     # A disagreement of more than the finisher's margin under the limit calls for more readings.
     accept_over = fit_info.get("accept_over")
     if accept_over is None:  # a checkpoint from before the finisher recorded it
@@ -260,7 +262,8 @@ def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter
     final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None, accept_over)
     limit = budget_cost.target * (1 + request.latency_tolerance)
     if final["ms"] > limit and fit_ms and fit_ms[-1] <= limit:
-        final = _pooled_reading(pruned, meter, fit_info, counts, final)
+        earlier = [ms for m in same for ms in m.get("readings_ms", [m["measured_ms"]])]
+        final = _pooled_reading(pruned, meter, earlier, final)
     if final["ms"] <= limit:
         return final, pruned, None
     # The finisher's readings and this one are minutes apart; on a shared machine the model can read over the
@@ -275,16 +278,14 @@ def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter
     return final, model, fit
 
 
-def _pooled_reading(pruned: torch.nn.Module, meter: DeviceMeter, fit_info: dict, counts: list[int], final: dict,
+def _pooled_reading(pruned: torch.nn.Module, meter: DeviceMeter, earlier: list[float], final: dict,
                     again: int = 3) -> dict:
     """`final` (over the limit) decided again: `again` more readings, and the median of every reading of this
-    configuration, the finisher's included."""
+    configuration, the finisher's (`earlier`) included."""
     # Fine-tuning changed the weights, not the structure the finisher measured within the limit, so the two
     # disagree only by timing noise; the median of all their readings decides whether to trim. A slow spell once
     # read 1.16-1.39 ms for a configuration the finisher had read at 1.01-1.12 ms against 1.059 ms, and the trim
     # of the fine-tuned model that followed removed 76 channels (10% accuracy, 0.63 of the budget).
-    earlier = [ms for m in fit_info.get("measurements", []) if m["keep_counts"] == counts
-               for ms in m.get("readings_ms", [m["measured_ms"]])]
     readings = [meter.measure(pruned) for _ in range(again)]
     listed = final["readings_ms"] + [r["ms"] for r in readings]
     pooled = sorted(earlier + listed)
