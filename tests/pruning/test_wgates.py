@@ -414,7 +414,20 @@ def prune_slower_after_finisher(latency: SlowerAfterFinisher, out) -> tuple[dict
     return run_prune(request, out, progress=progress, latency=latency), target
 
 
-def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path):
+def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path, monkeypatch):
+    from pruning import pipeline
+
+    trained = []  # (stage, widths before, whether the weights moved)
+    real_train = pipeline.train
+
+    def recording_train(model, *args, **kwargs):
+        before = [p.detach().clone() for p in model.parameters()]
+        result = real_train(model, *args, **kwargs)
+        moved = any(not torch.equal(a, b.to(a.device)) for a, b in zip(before, model.parameters(), strict=True))
+        trained.append((kwargs.get("stage"), [p.shape for p in before], moved))
+        return result
+
+    monkeypatch.setattr(pipeline, "train", recording_train)
     report, target = prune_slower_after_finisher(SlowerAfterFinisher("resnet20", 16, 1, bias=1.0), tmp_path)
     section = report["latency_ms"]
     accepted = section["measurements"][-1]
@@ -429,6 +442,12 @@ def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_
     assert onnx_macs(tmp_path / "model.onnx") == pytest.approx(report["pruned"]["macs"], rel=0.05)
     saved, _ = zoo.load_pruned(tmp_path / "arch.json", tmp_path / "model.safetensors")
     assert zoo.param_count(saved) == report["pruned"]["params"]
+    # The trimmed model trains one more epoch before it is evaluated: the trim cut into fine-tuned weights.
+    assert post["recovery_epochs"] == 1 and report["epochs"]["recovery"] == 1
+    assert [stage for stage, _, _ in trained][-2:] == ["finetune", "recovery"]
+    _, recovery_shapes, recovery_moved = trained[-1]
+    assert recovery_moved and recovery_shapes == [p.shape for p in saved.parameters()]
+    assert recovery_shapes != trained[-2][1]  # it trained the trimmed model, not the one the finisher accepted
 
 
 class SlowSpellAfterFinisher(SlowerAfterFinisher):
