@@ -574,3 +574,22 @@ def test_floors_within_the_tolerance_of_the_budget_are_left_alone(floor_toleranc
         assert info["floors"] == fixed and info["floor_min_keep"] == 0.9
     else:
         assert info["floor_min_keep"] < 0.9 and bias * ctx.budget.hard(info["floors"]) <= 0.05
+
+
+def test_a_slow_spell_over_every_final_reading_is_rechecked_before_the_report_takes_it(tmp_path):
+    # The spell covers all six final readings (5 timings each) and ends before the post-fine-tune trim reads the
+    # model: the trim finds it within the band and the report carries that reading, not the slow ones.
+    report, target = prune_slower_after_finisher(SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=30),
+                                                 tmp_path)
+    section = report["latency_ms"]
+    accepted = section["measurements"][-1]
+    pruned = section["pruned"]
+    post = section["post_finetune_trim"]
+    assert post["channels_trimmed"] == 0 and report["keep_counts"] == accepted["keep_counts"]
+    slow = pruned["readings_ms"][:6]
+    assert all(ms > target * 1.05 for ms in slow)
+    assert pruned["drift_corrected"] == pytest.approx(post["measurements"][0]["measured_ms"])
+    assert pruned["drift_corrected"] == pytest.approx(accepted["measured_ms"], rel=1e-6)
+    assert pruned["rechecked_readings_ms"] == pruned["readings_ms"][6:]
+    assert pruned["ratio_to_dense"] == pytest.approx(pruned["drift_corrected"] / section["dense"]["measured"],
+                                                     rel=1e-6)
