@@ -483,6 +483,24 @@ def channel_total(counts):
     return float(sum(counts))
 
 
+def test_the_finisher_trims_below_the_floors_in_proportion_to_them():
+    from pruning.finisher import trim_masks
+
+    # An inner group (floor 2 of 8) and a residual stream (floor 16 of 32) at their floors; the budget pushed
+    # hardest on the stream's gates, so its scores are the lowest.
+    inner = torch.tensor([0.4, 0.2, -0.3, -0.5, -0.6, -0.7, -0.8, -0.9])
+    stream = -1.0 + torch.linspace(0.5, 0.0, 32)
+    floors = [2, 16]
+    masks = wgates.final_masks([inner, stream], floors)
+    assert [int(m.sum()) for m in masks] == floors
+    ranked = wgates.finisher_scores([inner, stream], floors)
+    # Half the channels go: each floor loses half, its lowest-scored ones, where by raw score the stream would
+    # have lost 9 of its 16 and the inner group none.
+    trimmed, removed = trim_masks(ranked, masks, lambda counts: sum(counts) <= 9, normalize=False)
+    assert removed == 9 and [int(m.sum()) for m in trimmed] == [1, 8]
+    assert bool(trimmed[0][0]) and trimmed[1].nonzero().flatten().tolist() == list(range(8))
+
+
 def test_budget_floors_lower_the_residual_streams_to_the_inner_share_first():
     sizes, residual = [16, 64], [False, True]
     unlowered = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 100.0, residual_first=True)
