@@ -417,7 +417,7 @@ def prune_slower_after_finisher(latency: SlowerAfterFinisher, out) -> tuple[dict
 def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path, monkeypatch):
     from pruning import pipeline
 
-    trained = []  # (stage, widths before, whether the weights moved)
+    trained = []  # (stage, parameter shapes before, whether the weights moved)
     real_train = pipeline.train
 
     def recording_train(model, *args, **kwargs):
