@@ -465,12 +465,17 @@ class SlowSpellAfterFinisher(SlowerAfterFinisher):
         return ms
 
 
+def prune_through_slow_spell(out, spell: int) -> tuple[dict, float, dict, dict]:
+    """(report, target ms, its latency section, the finisher's accepted measurement) of prune_slower_after_finisher
+    on a device slow for the first `spell` timings of pruned models after the finisher."""
+    report, target = prune_slower_after_finisher(SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=spell),
+                                                 out)
+    return report, target, report["latency_ms"], report["latency_ms"]["measurements"][-1]
+
+
 def test_a_slow_spell_after_the_finisher_does_not_trim_the_fine_tuned_model(tmp_path):
     # Each reading times the candidate 5 times: the spell covers the first 3 final readings, not the next ones.
-    report, target = prune_slower_after_finisher(SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=15),
-                                                 tmp_path)
-    section = report["latency_ms"]
-    accepted = section["measurements"][-1]
+    report, target, section, accepted = prune_through_slow_spell(tmp_path, 15)
     pruned = section["pruned"]
     assert "post_finetune_trim" not in section and report["keep_counts"] == accepted["keep_counts"]
     readings = pruned["readings_ms"]
@@ -597,10 +602,7 @@ def test_floors_within_the_tolerance_of_the_budget_are_left_alone(floor_toleranc
 def test_a_slow_spell_over_every_final_reading_is_rechecked_before_the_report_takes_it(tmp_path):
     # The spell covers all six final readings (5 timings each) and ends before the post-fine-tune trim reads the
     # model: the trim finds it within the band and the report carries that reading, not the slow ones.
-    report, target = prune_slower_after_finisher(SlowSpellAfterFinisher("resnet20", 16, 1, bias=1.0, spell=30),
-                                                 tmp_path)
-    section = report["latency_ms"]
-    accepted = section["measurements"][-1]
+    report, target, section, accepted = prune_through_slow_spell(tmp_path, 30)
     pruned = section["pruned"]
     post = section["post_finetune_trim"]
     assert post["channels_trimmed"] == 0 and report["keep_counts"] == accepted["keep_counts"]
