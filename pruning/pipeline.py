@@ -192,7 +192,6 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         train(pruned, train_loader, recovery_epochs, lr=request.finetune_lr, device=device,
               progress=_stage_progress(progress, "recovery"), should_cancel=should_cancel, stage="recovery",
               seed=request.seed)
-        pruned.cpu().eval()
     pruned_accuracy = evaluate(pruned, test_loader, device)
 
     pruned.cpu().eval()
@@ -318,9 +317,9 @@ def _rechecked_reading(final: dict, recheck: dict, meter: DeviceMeter) -> dict:
     """`final` replaced by a later measurement of the same model (`recheck`, a finisher measurement), both
     readings listed."""
     ms = recheck["measured_ms"]
-    listed = final["readings_ms"] + recheck.get("readings_ms", [ms])
-    return {**final, "ms": ms, "ratio": ms / meter.reference_ms, "readings_ms": listed,
-            "rechecked_ms": recheck.get("readings_ms", [ms])}
+    rechecked = recheck.get("readings_ms", [ms])
+    return {**final, "ms": ms, "ratio": ms / meter.reference_ms, "readings_ms": final["readings_ms"] + rechecked,
+            "rechecked_ms": rechecked}
 
 
 def _counts_of(masks: list[torch.Tensor]) -> list[int]:
