@@ -245,7 +245,8 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         if "latency_fit" in prune_info:
             fit = prune_info["latency_fit"]
             report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"],
-                                        accept_over=fit.get("accept_over"), rounds=fit["rounds"],
+                                        accept_over=fit.get("accept_over"), accept_under=fit.get("accept_under"),
+                                        rounds=fit["rounds"],
                                         channels_trimmed=fit["channels_trimmed"],
                                         channels_added=fit["channels_added"], round_to=fit["round_to"],
                                         rounding_applied=fit["rounding_applied"],

@@ -372,6 +372,7 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     assert first["measured_ms"] > target * 1.05
     # The finisher accepts readings up to half the job's 5% tolerance over, a margin for the final re-measure.
     assert section["accept_over"] == pytest.approx(0.025) and last["measured_ms"] <= target * 1.025
+    assert section["accept_under"] == pytest.approx(0.025)
     assert section["pruned"]["measured"] == pytest.approx(last["measured_ms"], rel=1e-6)
     assert section["dense"]["measured"] == pytest.approx(dense_ms * 1.6, rel=1e-6)
     assert section["pruned"]["predicted"] == pytest.approx(last["predicted_ms"], rel=1e-6)
