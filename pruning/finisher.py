@@ -395,8 +395,8 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     sides and the best one under it is still below the band).
 
     `accept_under` (default half the tolerance, as `accept_over`) makes the loop grow a configuration that reads
-    more than that under the target: with the tolerance as the band's lower edge, a resnet56 whose first reading
-    was 0.96 x its budget was kept there in all three seeds of a bench, 4% of the latency the user asked for unused
+    more than that under the target: with the tolerance as the band's lower edge, a resnet56 whose second trim
+    read 0.96 x its budget was kept there in all three seeds of a bench, 4% of the latency the user asked for unused
     (the result is still the slowest configuration read within the limit, so a grow that reads over it is undone).
 
     `accept_over` (default half the tolerance) keeps accepted readings under the tolerance's limit by a margin,
