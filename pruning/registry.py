@@ -53,19 +53,20 @@ class WGatesParams(MethodParams):
     residual_min_keep: float = Field(1.0, ge=0, le=1, description="the same for residual streams (channels summed "
                                                                  "by skip connections); 1: the gates leave them "
                                                                  "whole unless floor_share lowers the floors")
-    floor_share: float = Field(1.0, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
+    floor_share: float = Field(0.9, ge=0, le=1, description="if > 0, floors (min_keep, residual_min_keep) that "
                                                          "cost more than the target by more than floor_tolerance "
                                                          "(measured once on the device for latency budgets) are "
                                                          "lowered (see floor_lowering) until they cost at most "
                                                          "this share of the target, so that the gates can reach "
                                                          "the budget; 0: fixed floors")
     floor_lowering: Literal["together", "residual_first"] = Field(
-        "together", description="how floor_share lowers the floors: together scales both by one factor; "
-                                "residual_first lowers residual_min_keep to min_keep before both fall together")
+        "residual_first", description="how floor_share lowers the floors: residual_first lowers "
+                                      "residual_min_keep to min_keep before both fall together; together scales "
+                                      "both by one factor")
     floor_residual_ratio: float | None = Field(
-        None, ge=1, description="with floor_lowering together: the residual streams' floor share first falls to "
-                                "this many times the inner one (inner floors stay), then both fall together; "
-                                "None: both fall together from the start")
+        None, ge=1, description="the residual streams' floor share first falls to this many times the inner one "
+                                "(inner floors stay), then both fall together, whatever floor_lowering says; "
+                                "None: as floor_lowering says (residual_first: 1)")
     floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
                                                                 "more than the target by more than this share "
                                                                 "(within it, timings cannot tell them apart)")

@@ -50,9 +50,9 @@ def group_floors(sizes: Sequence[int], residual: Sequence[bool], min_keep: float
 def lowered_shares(min_keep: float, residual_min_keep: float, residual_first: bool = False,
                    steps: int = 256, residual_ratio: float | None = None) -> Iterator[tuple[float, float]]:
     """(inner share, residual share) of the floors from the given ones down to (0, 0): the residual share first
-    falls to `residual_ratio` x the inner one (1 with `residual_first`) while the inner share stays, then both fall
-    by one common factor (from the start with neither)."""
-    ratio = 1.0 if residual_first else residual_ratio
+    falls to `residual_ratio` x the inner one (else 1 with `residual_first`) while the inner share stays, then
+    both fall by one common factor (from the start with neither)."""
+    ratio = residual_ratio if residual_ratio is not None else (1.0 if residual_first else None)
     start = residual_min_keep if ratio is None else min(residual_min_keep, max(ratio, 0.0) * min_keep)
     if start != residual_min_keep:
         for step in range(steps, 0, -1):

@@ -522,6 +522,27 @@ def test_budget_floors_lower_the_residual_streams_to_the_inner_share_first():
     assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 1.0, True) == ([1, 1], (0.0, 0.0))
 
 
+@pytest.mark.parametrize("lowering", [None, "together"])
+def test_wgates_lowers_the_residual_streams_first_to_0_9_of_the_budget_unless_told_otherwise(lowering):
+    # resnet20's floors (inner groups 25%, residual streams whole) cost 26% of its MACs at 8x8; the budget is 20%.
+    model = zoo.build_model("resnet20", 4, 3).eval()
+    graph = ChannelGraph.build(model, (1, 3, 8, 8))
+    cost = CostModel(graph)
+    params = {"min_gate_steps": 0} | ({"floor_lowering": lowering, "floor_share": 1.0} if lowering else {})
+    ctx = MethodContext(model=model, graph=graph, cost_model=cost,
+                        budget=BudgetCost(parse_budget("flops=0.2"), cost, None), params=WGatesParams(**params),
+                        train_loader=random_loader(), val_loader=random_loader(), device=torch.device("cpu"),
+                        epochs=1, lr=0.01)
+    info = wgates.run(ctx).info
+    if lowering is None:  # the defaults: the inner floors keep their 25%, the streams give way to 0.9 x the budget
+        assert info["floor_min_keep"] == 0.25 and 0.25 < info["floor_residual_min_keep"] < 1
+        assert 0.8 * 0.2 * cost.dense_macs < cost.macs(info["floors"]) <= 0.9 * 0.2 * cost.dense_macs
+    else:  # the defaults before session 18: both shares fall by one factor, to the whole budget
+        assert info["floor_min_keep"] < 0.25
+        assert info["floor_residual_min_keep"] == pytest.approx(4 * info["floor_min_keep"])
+        assert 0.9 * 0.2 * cost.dense_macs < cost.macs(info["floors"]) <= 0.2 * cost.dense_macs
+
+
 def test_budget_floors_lowered_together_keep_the_floors_shape_by_default():
     sizes, residual = [16, 64], [False, True]
     floors, (inner, stream) = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0)
@@ -542,6 +563,9 @@ def test_budget_floors_lower_the_residual_streams_to_a_ratio_of_the_inner_share_
     assert stream == pytest.approx(3 * inner) and inner < 0.25 and channel_total(floors) <= 34.0
     together, _ = wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0)
     assert floors[0] > together[0] and floors[1] < together[1]
+    # A ratio, where given, decides over residual_first (wgates' default lowering).
+    assert wgates.budget_floors(sizes, residual, 0.25, 1.0, channel_total, 34.0, residual_first=True,
+                                residual_ratio=3.0)[0] == floors
     assert get_method("wgates").validate_params({"floor_residual_ratio": 3}).floor_residual_ratio == 3.0
 
 
