@@ -21,7 +21,7 @@ from pruning.finisher import (
     trim_masks,
 )
 from pruning.groups import ChannelGraph
-from tests.pruning.test_wgates import FakeLatency, tiny_setup
+from tests.pruning.test_wgates import FakeLatency, resnet20_setup, tiny_setup
 
 
 class FlatPredictor:
@@ -428,9 +428,7 @@ def test_measured_latency_finisher_reads_a_configuration_again_before_accepting_
 
 
 def test_measured_latency_finisher_grows_a_configuration_that_reads_just_inside_the_tolerance_under_the_target():
-    model = zoo.build_model("resnet20", 4, 3).eval()
-    graph = ChannelGraph.build(model, (1, 3, 8, 8))
-    cost = CostModel(graph)
+    _, graph, cost = resnet20_setup()
     budget = cost_budget(cost, 0.5 * float(cost.dense_macs) / 1e6, FakeLatency(cost))
     scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(g.index)) for g in graph.groups]
     start, _ = trim_masks(scores, [torch.ones(g.size, dtype=torch.bool) for g in graph.groups], budget.fits)

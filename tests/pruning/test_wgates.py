@@ -48,6 +48,13 @@ def tiny_setup(seed: int = 0):
     return model, graph, CostModel(graph)
 
 
+def resnet20_setup():
+    """resnet20 at 8x8 (4 classes): residual streams, and channel steps small enough to land in a 5% band."""
+    model = zoo.build_model("resnet20", 4, 3).eval()
+    graph = ChannelGraph.build(model, (1, 3, 8, 8))
+    return model, graph, CostModel(graph)
+
+
 class FakeLatency:
     """A differentiable stand-in for a device's LPNet: ms proportional to the MACs; `measure_ms` reads the MACs
     off the exported ONNX and is `bias` times slower than predicted."""
@@ -233,8 +240,8 @@ def test_gated_model_with_closed_gates_equals_materialized_model():
         assert float((pruned(x) - gated_out).abs().max()) <= 1e-4
 
 
-def method_context(budget_text: str, latency=None, epochs: int = 3, **params) -> MethodContext:
-    model, graph, cost = tiny_setup()
+def method_context(budget_text: str, latency=None, epochs: int = 3, setup=tiny_setup, **params) -> MethodContext:
+    model, graph, cost = setup()
     budget = BudgetCost(parse_budget(budget_text), cost, latency(cost) if latency else None)
     loader = random_loader()
     return MethodContext(model=model, graph=graph, cost_model=cost, budget=budget,
@@ -525,14 +532,9 @@ def test_budget_floors_lower_the_residual_streams_to_the_inner_share_first():
 @pytest.mark.parametrize("lowering", [None, "together"])
 def test_wgates_lowers_the_residual_streams_first_to_0_9_of_the_budget_unless_told_otherwise(lowering):
     # resnet20's floors (inner groups 25%, residual streams whole) cost 26% of its MACs at 8x8; the budget is 20%.
-    model = zoo.build_model("resnet20", 4, 3).eval()
-    graph = ChannelGraph.build(model, (1, 3, 8, 8))
-    cost = CostModel(graph)
     params = {"min_gate_steps": 0} | ({"floor_lowering": lowering, "floor_share": 1.0} if lowering else {})
-    ctx = MethodContext(model=model, graph=graph, cost_model=cost,
-                        budget=BudgetCost(parse_budget("flops=0.2"), cost, None), params=WGatesParams(**params),
-                        train_loader=random_loader(), val_loader=random_loader(), device=torch.device("cpu"),
-                        epochs=1, lr=0.01)
+    ctx = method_context("flops=0.2", epochs=1, setup=resnet20_setup, **params)
+    cost = ctx.cost_model
     info = wgates.run(ctx).info
     if lowering is None:  # the defaults: the inner floors keep their 25%, the streams give way to 0.9 x the budget
         assert info["floor_min_keep"] == 0.25 and 0.25 < info["floor_residual_min_keep"] < 1
