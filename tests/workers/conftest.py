@@ -24,7 +24,8 @@ from service.settings import Settings
 from tests.service.conftest import postgres_schema, postgres_schema_url  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_TEST_DB = 12
+# Runs side by side (several checkouts on one machine) pick different Redis databases.
+REDIS_TEST_DB = int(os.environ.get("LATPRUNE_TEST_REDIS_DB", "12"))
 TINY_JOB = {"method": "l1", "arch": "resnet20", "dataset": "synthetic:4x16",
             "budget": {"kind": "flops", "value": 0.5}, "epochs": 1, "batch_size": 32}
 
