@@ -29,9 +29,9 @@ from pruning import zoo
 from pruning.budget import BudgetCost, parse_budget
 from pruning.cost import CostModel
 from pruning.groups import ChannelGraph
-from pruning.methods.context import MethodContext
+from pruning.methods.api import MethodContext
 from pruning.methods.l1 import run as run_l1
-from pruning.registry import L1Params
+from pruning.methods.l1_params import L1Params
 from pruning.surgery import export_onnx, materialize
 
 CASES = [("resnet56", 32), ("resnet18", 64)]

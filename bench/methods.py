@@ -44,11 +44,13 @@ from latency.profiler import ProfileTarget, profile
 from latency.samples import SampleStore
 from latency.store import LatencyHome, load_latency_model
 from pruning import zoo
+from pruning.allocation import bisect_scalar
 from pruning.budget import Budget
 from pruning.data import load_dataset, make_loaders
-from pruning.methods.context import MethodContext, MethodResult
+from pruning.importance import GroupNormImportance
+from pruning.methods.api import MethodContext, Selection
 from pruning.pipeline import PruneRequest, run_prune
-from pruning.registry import METHODS, MethodInfo, MethodParams
+from pruning.registry import MethodParams, get_method, register_method
 from pruning.train import evaluate, seed_everything, train
 
 SECTION = "## Pruning methods under latency budgets"
@@ -60,15 +62,12 @@ MAX_RATIO = 0.8
 console = Console()
 
 
-def group_norm_importance():
-    """torch-pruning's group L2-norm importance (GroupNormImportance; GroupMagnitudeImportance(p=2) since 1.5)."""
-    import torch_pruning as tp
-
-    legacy = getattr(tp.importance, "GroupNormImportance", None)
-    return legacy() if legacy is not None else tp.importance.GroupMagnitudeImportance(p=2)
+@register_method(METAPRUNER, target=f"{__name__}:run_metapruner")
+class MetaPrunerParams(MethodParams):
+    """torch-pruning MetaPruner, global, GroupNormImportance (registered by bench/methods.py for its process)."""
 
 
-def run_metapruner(ctx: MethodContext) -> MethodResult:
+def run_metapruner(ctx: MethodContext) -> Selection:
     """torch-pruning's MetaPruner, global pruning with GroupNormImportance, ratio bisected to the budget."""
     import torch_pruning as tp
 
@@ -80,7 +79,7 @@ def run_metapruner(ctx: MethodContext) -> MethodResult:
 
     def masks_at(ratio: float) -> list[torch.Tensor]:
         masks = [torch.ones(g.size, dtype=torch.bool) for g in graph.groups]
-        pruner = tp.pruner.MetaPruner(model, example, importance=group_norm_importance(),
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                       global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored)
         for group in pruner.step(interactive=True):  # record the choice; the model itself is left whole
             root = names.get(group[0].dep.target.module)
@@ -99,23 +98,11 @@ def run_metapruner(ctx: MethodContext) -> MethodResult:
     # not fit, the pipeline's finisher trims the rest by the same importance.
     ratio = 0.0
     if not fits(ratio):
-        lo, hi = 0.0, MAX_RATIO
-        if fits(hi):
-            for _ in range(12):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        ratio = hi
+        ratio = bisect_scalar(fits, MAX_RATIO, 0.0, iterations=12) if fits(MAX_RATIO) else MAX_RATIO
     masks = masks_at(ratio)
-    dg = graph.dependency_graph(model)
-    importance = group_norm_importance()
-    scores = []
-    for group in graph.groups:
-        root = model.get_submodule(group.root)
-        tp_group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
-                                        idxs=list(range(group.size)))
-        scores.append(importance(tp_group).detach().float().cpu())
+    scores = GroupNormImportance()(model, graph)
     # GroupNormImportance is already normalized per group (by its mean): the finisher ranks it as it is.
-    return MethodResult(model, masks, scores, None, {"pruning_ratio": ratio, "comparable_scores": True})
+    return Selection(model, masks, scores, score_scale="global", info={"pruning_ratio": ratio})
 
 
 def default_gate_epochs(epochs: int) -> int:
@@ -179,12 +166,14 @@ def run_one(work: Path, latency, arch: str, fraction: float, method: str, seed: 
     """One pruning job through the pipeline; its report as a table row (named `label`, else `method`)."""
     target_ms = fraction * latency.reference_ms
     gate_epochs = default_gate_epochs(epochs) if gate_epochs is None else gate_epochs
-    method_epochs, finetune = (gate_epochs, epochs - gate_epochs) if method == "wgates" else (0, epochs)
+    # A method that trains while it selects (wgates, the gate methods) takes its share of the common epochs.
+    trains = get_method(method).trains
+    method_epochs, finetune = (gate_epochs, epochs - gate_epochs) if trains else (0, epochs)
     request = PruneRequest(arch=arch, dataset=DATASET, method=method, budget=Budget("latency_ms", target_ms, DEVICE),
                            epochs=method_epochs, finetune_epochs=finetune, weights_path=weights,
                            resolution=RESOLUTION, seed=seed, params=params or {})
     tag = "_" + "_".join(f"{k}{v}" for k, v in sorted((params or {}).items())) if params else ""
-    tag += f"_g{method_epochs}" if method == "wgates" else ""
+    tag += f"_g{method_epochs}" if trains else ""
     out = work / "runs" / f"{arch}_{fraction:g}_{label or method}{tag}_s{seed}"
     report = run_prune(request, out, latency=latency)
     section = report["latency_ms"]
@@ -326,8 +315,6 @@ def main() -> None:
     if args.tiny:
         args.archs, args.budgets, args.seeds = "resnet20", "0.6", "0"
         args.dense_epochs, args.epochs, args.samples, args.no_write = 1, 2, 40, True
-    METHODS[METAPRUNER] = MethodInfo(METAPRUNER, "torch-pruning MetaPruner, global, GroupNormImportance (bench only)",
-                                     MethodParams, "__main__:run_metapruner")
     if args.from_json:
         rows = [Row(**r) for r in json.loads(args.from_json.read_text())]
         dense_ms = {r.arch: r.target_ms / r.budget for r in rows}

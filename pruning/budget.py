@@ -1,9 +1,9 @@
-"""Budgets (FLOPs, MACs, params, latency) as hard and differentiable costs, and allocation to a budget."""
+"""Budgets (FLOPs, MACs, params, latency) as hard and differentiable costs (allocation: pruning.allocation)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -101,79 +101,3 @@ class BudgetCost:
 
     def fits(self, keep_counts: Sequence[int]) -> bool:
         return self.hard(keep_counts) <= self.target
-
-
-def global_ranking(scores: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(group, channel) pairs from most to least important; every group's best channel comes first."""
-    best = [(g, int(torch.argmax(s))) for g, s in enumerate(scores)]
-    taken = set(best)
-    rest = [(float(s[c]), g, c) for g, s in enumerate(scores) for c in range(len(s)) if (g, c) not in taken]
-    rest.sort(key=lambda t: -t[0])
-    return best + [(g, c) for _, g, c in rest]
-
-
-def counts_from_prefix(ranking: Sequence[tuple[int, int]], n_groups: int, k: int) -> list[int]:
-    """Per-group kept counts when the first `k` channels of `ranking` are kept."""
-    counts = [0] * n_groups
-    for g, _ in ranking[:k]:
-        counts[g] += 1
-    return counts
-
-
-def fit_ranking(ranking: Sequence[tuple[int, int]], n_groups: int, fits: Callable[[list[int]], bool],
-                round_to: Callable[[list[int]], list[int]] | None = None) -> list[int]:
-    """Largest prefix of `ranking` whose (rounded) counts fit; bisection, cost being monotone in the prefix."""
-    def counts(k: int) -> list[int]:
-        c = counts_from_prefix(ranking, n_groups, k)
-        return round_to(c) if round_to else c
-
-    lo, hi = n_groups, len(ranking)
-    if not fits(counts(lo)):
-        if round_to is not None:
-            raise BudgetError(f"the budget is below the cost of the smallest rounded configuration {counts(lo)} "
-                              "(one channel per group, rounded up to the channel multiple); raise the budget or "
-                              "lower round_to")
-        raise BudgetError("the budget is below the cost of keeping one channel per group; raise it")
-    if fits(counts(hi)):
-        return counts(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(counts(mid)) else (lo, mid)
-    return counts(lo)
-
-
-def normalized_scores(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Scores divided by their group's mean, so groups of different scale rank together."""
-    return [s.detach().float() / s.detach().float().mean().clamp_min(1e-12) for s in scores]
-
-
-def trim_to_budget(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
-                   fits: Callable[[list[int]], bool]) -> tuple[list[torch.Tensor], int]:
-    """Exact-budget finisher: drop the globally least important kept channels until the cost fits."""
-    masks = [m.clone().bool() for m in keep_masks]
-    counts = [int(m.sum()) for m in masks]
-    if fits(counts):
-        return masks, 0
-    norm = normalized_scores(scores)
-    kept = [(float(norm[g][c]), g, c) for g, m in enumerate(masks) for c in torch.nonzero(m).flatten().tolist()]
-    kept.sort()
-    # Bisection over how many of the weakest channels to drop (cost is monotone in it).
-    droppable = [(g, c) for _, g, c in kept]
-
-    def after(k: int) -> list[torch.Tensor]:
-        out = [m.clone() for m in masks]
-        left = [int(m.sum()) for m in out]
-        for g, c in droppable[:k]:
-            if left[g] > 1:
-                out[g][c] = False
-                left[g] -= 1
-        return out
-
-    lo, hi = 0, len(droppable)
-    if not fits([int(m.sum()) for m in after(hi)]):
-        raise BudgetError("the budget is below the cost of keeping one channel per group; raise it")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits([int(m.sum()) for m in after(mid)]) else (mid, hi)
-    final = after(hi)
-    return final, sum(int(a.sum()) - int(b.sum()) for a, b in zip(masks, final, strict=True))

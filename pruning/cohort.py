@@ -25,7 +25,8 @@ from pruning.budget import Budget, BudgetCost, BudgetError, LatencyPredictor
 from pruning.cost import CostModel
 from pruning.data import DatasetSplits, load_dataset, make_loaders
 from pruning.groups import ChannelGraph
-from pruning.methods.ofa import MemberSpec, OFAContext, decode_masks, encode_masks, recalibrate_bn
+from pruning.methods.api import CohortContext, MemberSpec
+from pruning.methods.ofa import decode_masks, encode_masks, recalibrate_bn
 from pruning.pipeline import PruneRequest
 from pruning.registry import get_method, load_runner
 from pruning.selection import fronts_by_device
@@ -117,7 +118,7 @@ class CohortPlan:
     request: PruneRequest
     params: Any
     data: _Data
-    ctx: OFAContext
+    ctx: CohortContext
     budgets: list[float]
     resolutions: list[int]
     base_resolution: int
@@ -136,7 +137,7 @@ def plan_cohort(request: PruneRequest, progress: Callable[[dict], None] | None =
         raise ValueError(f"method {request.method!r} yields one subnet: use run_prune (`latprune prune`)")
     params = method.validate_params(request.params)
     budget = request.budget
-    values = [float(v) for v in params.budgets] or [float(budget.value)]
+    values = [float(v) for v in params.member_budgets()] or [float(budget.value)]
     for value in values:
         Budget(budget.kind, value, budget.device)  # each budget must be valid on its own (fraction <= 1, ...)
     if budget.kind == "latency_ms" and (not latency_models or budget.device not in latency_models):
@@ -149,7 +150,7 @@ def plan_cohort(request: PruneRequest, progress: Callable[[dict], None] | None =
     reference = data.splits(request.resolution) if request.resolution else load_dataset(
         request.dataset, request.data_root, None)
     base_resolution = reference.resolution
-    resolutions = list(params.resolutions) or [base_resolution]
+    resolutions = params.member_resolutions() or [base_resolution]
     train_resolution = max(resolutions)
     train_loader, _, _ = data.loaders(train_resolution)
     num_classes, in_channels = reference.num_classes, reference.in_channels
@@ -179,7 +180,7 @@ def plan_cohort(request: PruneRequest, progress: Callable[[dict], None] | None =
                           "raise the budgets")
 
     finetune_epochs = request.epochs if request.finetune_epochs is None else request.finetune_epochs
-    ctx = OFAContext(model=model, graphs=graphs, cost_models=cost_models, members=specs, budget_costs=budget_costs,
+    ctx = CohortContext(model=model, graphs=graphs, cost_models=cost_models, members=specs, budget_costs=budget_costs,
                      params=params, train_loader=train_loader, train_resolution=train_resolution, device=device,
                      search_epochs=request.epochs, joint_epochs=finetune_epochs, lr=request.lr,
                      joint_lr=request.finetune_lr, seed=request.seed, progress=_progress_in(progress),

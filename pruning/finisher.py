@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from latency.timing import QuietReference, relative_reading
-from pruning.budget import BudgetCost, BudgetError, LatencyPredictor, normalized_scores, trim_to_budget
+from pruning.allocation import largest_true, mask_counts, masks_from_counts, ranked_values, round_counts, trim_masks
+from pruning.budget import BudgetCost, LatencyPredictor
 from pruning.groups import ChannelGraph
-from pruning.surgery import export_onnx, masks_from_counts, materialize
+from pruning.surgery import export_onnx, materialize
 
 Masks = list[torch.Tensor]
 Fits = Callable[[list[int]], bool]
@@ -144,64 +145,12 @@ def confirmed_measurement(measure: Callable[[], dict[str, float]], expected_ms: 
     return {**chosen, "readings_ms": [r["ms"] for r in readings]}
 
 
-def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
-    return [int(m.sum()) for m in masks]
-
-
-def _values(scores: Sequence[torch.Tensor], normalize: bool) -> list[torch.Tensor]:
-    return normalized_scores(scores) if normalize else [s.detach().float() for s in scores]
-
-
-def _largest_prefix(n: int, ok: Callable[[int], bool]) -> int:
-    """Largest k in [0, n] with ok(k), given ok(0) and ok monotone (true, then false)."""
-    lo, hi = 0, n
-    if ok(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
-
-
-def trim_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
-               normalize: bool = True) -> tuple[Masks, int]:
-    """Drop the least important kept channels (>= 1 per group) until the cost fits; (masks, channels removed).
-
-    `normalize`: rank scores divided by their group's mean (as the engine's finisher does); False ranks them as
-    they are, for methods whose scores share one scale across groups (gate scores with a common threshold).
-    """
-    if normalize:
-        return trim_to_budget(scores, keep_masks, fits)
-    masks = [m.clone().bool() for m in keep_masks]
-    if fits(_counts(masks)):
-        return masks, 0
-    values = _values(scores, normalize)
-    kept = sorted((float(values[g][c]), g, c) for g, m in enumerate(masks) for c in torch.nonzero(m).flatten().tolist())
-    order = [(g, c) for _, g, c in kept]
-
-    def after(k: int) -> Masks:
-        out = [m.clone() for m in masks]
-        left = _counts(out)
-        for g, c in order[:k]:
-            if left[g] > 1:
-                out[g][c] = False
-                left[g] -= 1
-        return out
-
-    if not fits(_counts(after(len(order)))):
-        raise BudgetError("the budget is below the cost of keeping one channel per group; raise it")
-    # Smallest k that fits = one more than the largest k that does not (cost is monotone in k).
-    k = _largest_prefix(len(order), lambda j: not fits(_counts(after(j)))) + 1
-    final = after(k)
-    return final, sum(_counts(masks)) - sum(_counts(final))
-
-
 def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
                normalize: bool = True, caps: dict[int, int] | None = None) -> tuple[Masks, int]:
     """Add back the most important removed channels while the cost still fits, no group past its count in
     `caps`, then each later one that still fits; (masks, channels added)."""
     masks = [m.clone().bool() for m in keep_masks]
-    values = _values(scores, normalize)
+    values = ranked_values(scores, normalize)
     removed = sorted(((-float(values[g][c]), g, c) for g, m in enumerate(masks)
                       for c in torch.nonzero(~m).flatten().tolist()))
     room = {g: max(0, cap - int(masks[g].sum())) for g, cap in (caps or {}).items()}
@@ -219,14 +168,14 @@ def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor
             out[g][c] = True
         return out
 
-    if not fits(_counts(masks)):
+    if not fits(mask_counts(masks)):
         return masks, 0
-    k = _largest_prefix(len(order), lambda j: fits(_counts(after(j))))
+    k = largest_true(len(order), lambda j: fits(mask_counts(after(j))))
     grown = after(k)
     # (ours) A learned predictor can jump at one count (resnet20's LPNet: one channel past 16 in a 64-wide group
     # added 19%), and a prefix stops at the first channel that does not fit: one job's grow step added nothing
     # and it ended at 0.87 of its budget. The channels after it are still tried, in order, each kept if it fits.
-    counts = _counts(grown)
+    counts = mask_counts(grown)
     added = k
     for g, c in order[k + 1:]:
         counts[g] += 1
@@ -238,23 +187,13 @@ def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor
     return grown, added
 
 
-def rounded_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int, mode: str) -> list[int]:
-    """Counts rounded to multiples of `multiple` ('nearest' or 'down'), within [min(multiple, size), size]."""
-    out = []
-    for count, size in zip(keep_counts, sizes, strict=True):
-        step = count / multiple
-        units = math.floor(step + 0.5) if mode == "nearest" else math.floor(step)
-        out.append(int(min(size, max(min(multiple, size), units * multiple))))
-    return out
-
-
 def round_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], multiple: int, fits: Fits,
                 sizes: Sequence[int]) -> Masks:
     """Masks with counts rounded to `multiple`: to the nearest multiple if that fits, else down (unchanged if
     neither fits)."""
-    counts = _counts(keep_masks)
+    counts = mask_counts(keep_masks)
     for mode in ("nearest", "down"):
-        candidate = rounded_counts(counts, sizes, multiple, mode)
+        candidate = round_counts(counts, sizes, multiple, mode)
         if fits(candidate):
             return masks_from_counts(scores, candidate)
     return [m.clone().bool() for m in keep_masks]
@@ -318,11 +257,11 @@ def cliff_caps(states: Sequence[tuple[Masks, float, float]], limit: float, low: 
     start = max(feasible, key=lambda st: st[2])
     if start[2] >= low:
         return None
-    base = _counts(start[0])
+    base = mask_counts(start[0])
     scale = start[2] / max(start[1], 1e-12)
     caps: dict[int, int] = {}
     for masks, predicted, measured in states:
-        counts = _counts(masks)
+        counts = mask_counts(masks)
         if measured <= limit or any(c < b for c, b in zip(counts, base, strict=True)):
             continue
         if sum(counts) - sum(base) > max_step * sum(base):
@@ -342,7 +281,7 @@ def _brackets_from_below(states: Sequence[tuple[Masks, float, float]], limit: fl
 
 
 def _tried(candidate: Masks, states: Sequence[tuple[Masks, float, float]]) -> bool:
-    return any(_counts(candidate) == _counts(st[0]) for st in states)
+    return any(mask_counts(candidate) == mask_counts(st[0]) for st in states)
 
 
 def accept_margin(tolerance: float, margin: float | None = None) -> float:
@@ -428,7 +367,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     entries: dict[int, dict[str, Any]] = {}  # id(masks) -> its measurement entry
 
     def record(current: Masks, action: str) -> float:
-        counts = _counts(current)
+        counts = mask_counts(current)
         predicted = budget.hard(counts)
         # A trim that reads slower than the configuration it was cut from is a burst, not the model: one such
         # reading (2.10 ms for a trim of a 1.75 ms resnet56) once cut a model to 1.21 ms against a 1.64 ms budget.
@@ -463,7 +402,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     measured = record(masks, "initial")
     if round_to > 1:
         rounded = round_masks(scores, masks, round_to, budget.fits, sizes)
-        if _counts(rounded) != _counts(masks):
+        if mask_counts(rounded) != mask_counts(masks):
             rounded_ms = record(rounded, f"round_to_{round_to}")
             if rounded_ms < measured:
                 masks, measured, fit.rounding_applied = rounded, rounded_ms, True
@@ -513,7 +452,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
                 continue
         feasible = [st for st in states if st[2] <= limit]
         too_slow = [st for st in states if st[2] > limit and within_caps(st)]
-        base, predicted = masks, budget.hard(_counts(masks))
+        base, predicted = masks, budget.hard(mask_counts(masks))
         aim = predicted * target / measured
         if feasible and too_slow:
             lo = max(feasible, key=lambda st: st[2])
@@ -527,7 +466,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
         def fits_aim(counts: list[int], aim: float = aim) -> bool:
             return budget.hard(counts) <= aim
 
-        if budget.hard(_counts(base)) > aim:
+        if budget.hard(mask_counts(base)) > aim:
             candidate, _ = trim_masks(scores, base, fits_aim, normalize)
         else:
             candidate, _ = grow_masks(scores, base, fits_aim, normalize, caps)
@@ -552,7 +491,7 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             break  # nothing new to try
         fit.rounds += 1
         masks = candidate
-        measured = record(masks, "trim" if budget.hard(_counts(masks)) < predicted else "grow")
+        measured = record(masks, "trim" if budget.hard(mask_counts(masks)) < predicted else "grow")
     while True:
         feasible = [st for st in states if st[2] <= limit]
         best = max(feasible, key=lambda st: st[2]) if feasible else min(states, key=lambda st: st[2])
@@ -560,10 +499,10 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
             break  # confirmed (or confirmed before): a changed reading may make another state the best
     if best[0] is not masks:
         masks, measured = best[0], best[2]
-        fit.measurements.append({"action": "restore", "keep_counts": _counts(masks), "predicted_ms": best[1],
+        fit.measurements.append({"action": "restore", "keep_counts": mask_counts(masks), "predicted_ms": best[1],
                                  "measured_ms": best[2]})
     fit.keep_masks = masks
-    start, end = _counts(keep_masks), _counts(masks)
+    start, end = mask_counts(keep_masks), mask_counts(masks)
     fit.channels_trimmed = sum(max(0, a - b) for a, b in zip(start, end, strict=True))
     fit.channels_added = sum(max(0, b - a) for a, b in zip(start, end, strict=True))
     return fit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -40,3 +42,51 @@ def group_bn_gammas(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]
         # A mean, not a sum: residual groups span several BNs and would otherwise always win the global threshold.
         scores.append(total / count if count else default)
     return scores
+
+
+class Importance(Protocol):
+    """(model, graph) -> one score tensor per group (higher: more important), as Torch-Pruning's Importance."""
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]: ...
+
+
+class L1Importance:
+    """Per-channel L1 norm of the producing filters, each layer normalised by its mean (Li et al.)."""
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+        return group_weight_norms(model, graph, p=1)
+
+
+class L2Importance:
+    """Per-channel L2 norm of the producing filters, each layer normalised by its mean."""
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+        return group_weight_norms(model, graph, p=2)
+
+
+class BNScaleImportance:
+    """Mean |BN gamma| over the BNs a group's mask acts on (network slimming); filter L1 for groups without BN."""
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+        return group_bn_gammas(model, graph)
+
+
+class GroupNormImportance:
+    """DepGraph's group norm: the L2 norm of every parameter slice coupled to a channel (producers, consumers,
+    norms), through torch-pruning's GroupMagnitudeImportance(p=2); normalised per group by its mean, so scores
+    compare across groups as they are."""
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+        import torch_pruning as tp
+
+        legacy = getattr(tp.importance, "GroupNormImportance", None)
+        importance = legacy() if legacy is not None else tp.importance.GroupMagnitudeImportance(p=2)
+        dg = graph.dependency_graph(model)
+        scores = []
+        for group in graph.groups:
+            root = model.get_submodule(group.root)
+            tp_group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
+                                            idxs=list(range(group.size)))
+            scores.append(importance(tp_group).detach().float().cpu())
+        return scores

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pruning import zoo
+from pruning.allocation import trim_masks
 from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
@@ -28,11 +29,10 @@ from pruning.finisher import (
     fit_measured_latency,
     round_masks,
     trim_finetuned,
-    trim_masks,
 )
 from pruning.groups import ChannelGraph
-from pruning.methods.context import MethodContext
-from pruning.registry import get_method, load_runner
+from pruning.methods.api import MethodContext, Selection
+from pruning.registry import get_method, load_check, load_runner
 from pruning.surgery import export_onnx, materialize
 from pruning.train import Cancelled, evaluate, pick_device, seed_everything, train
 
@@ -108,12 +108,18 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
 
     dense = zoo.build_model(request.arch, splits.num_classes, splits.in_channels)
     dense_arch = zoo.describe(dense, request.arch, splits.num_classes, splits.in_channels, splits.resolution)
+    # The groups depend on the architecture only: found (and the method's own check made) before any training.
+    graph = ChannelGraph.build(dense.eval(), input_shape)
+    check = load_check(request.method)
+    if check is not None:
+        check(dense, graph, params)
     dense_ckpt = ckpt / "dense.safetensors" if ckpt else None
+    trains_dense = request.weights_path is None and method.needs_dense
     if request.weights_path is not None:
         zoo.load_weights(dense, request.weights_path, request.max_weights_bytes)
     elif dense_ckpt is not None and dense_ckpt.exists():
         zoo.load_weights(dense, dense_ckpt)
-    else:
+    elif trains_dense:
         train(dense, train_loader, request.epochs, lr=request.lr, device=device,
               progress=_stage_progress(progress, "dense"), should_cancel=should_cancel,
               checkpoint_dir=ckpt / "dense" if ckpt else None, stage="dense", seed=request.seed)
@@ -122,7 +128,6 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
     dense_accuracy = evaluate(dense, test_loader, device)
 
     dense.cpu().eval()
-    graph = ChannelGraph.build(dense, input_shape)
     cost_model = CostModel(graph)
     budget_cost = BudgetCost(request.budget, cost_model, latency)
 
@@ -142,9 +147,11 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                             lr=request.finetune_lr, seed=request.seed, progress=_stage_progress(progress, "prune"),
                             should_cancel=should_cancel, checkpoint_dir=ckpt / "method" if ckpt else None)
         result = load_runner(request.method)(ctx)
-        normalize = not result.info.get("comparable_scores", False)
+        if not isinstance(result, Selection):
+            raise TypeError(f"method {request.method!r} returned {type(result).__name__}, not a Selection")
+        normalize = result.normalize_scores
         result.model.cpu().eval()
-        round_to = int(result.info.get("finisher_round_to", 1))
+        round_to = result.round_to
         latency_fit = None
         if meter is not None:
             # The device is the judge: the measured loop trims (or grows) from the method's own choice, which
@@ -159,7 +166,8 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
                 masks = round_masks(result.scores, masks, round_to, budget_cost.fits, graph.sizes)
         counts = [int(m.sum()) for m in masks]
         pruned = materialize(result.model, graph, masks, result.scales)
-        prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": result.info,
+        method_info = {**result.info, "score_scale": result.score_scale, "finisher_round_to": round_to}
+        prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": method_info,
                       "predicted_cost": budget_cost.hard(counts)}
         if latency_fit is not None:
             prune_info["latency_fit"] = latency_fit.report()
@@ -214,7 +222,7 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         "widths": zoo.widths(arch_json),
         "finisher_channels_removed": prune_info["finisher_channels_removed"],
         "method_info": prune_info["method_info"],
-        "epochs": {"dense": 0 if request.weights_path else request.epochs, "finetune": finetune_epochs,
+        "epochs": {"dense": request.epochs if trains_dense else 0, "finetune": finetune_epochs,
                    "recovery": recovery_epochs},
         "seed": request.seed,
         "device": str(device),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,16 +58,6 @@ def fold_scales(model: nn.Module, graph: ChannelGraph, scales: Sequence[torch.Te
                 layer.weight.mul_(s.view([-1] + [1] * (layer.weight.dim() - 1)))
                 if layer.bias is not None:
                     layer.bias.mul_(s)
-
-
-def masks_from_counts(scores: Sequence[torch.Tensor], keep_counts: Sequence[int]) -> list[torch.Tensor]:
-    """Keep the `keep_counts[g]` highest-scoring channels of every group."""
-    masks = []
-    for score, count in zip(scores, keep_counts, strict=True):
-        mask = torch.zeros(len(score), dtype=torch.bool)
-        mask[torch.topk(score.detach().float(), int(count)).indices] = True
-        masks.append(mask)
-    return masks
 
 
 @torch.no_grad()
@@ -138,17 +127,6 @@ def gather_params(params: Mapping[str, torch.Tensor],
                 p = p.index_select(d, keep if keep.device == p.device else keep.to(p.device))
         out[name] = p
     return out
-
-
-def round_counts(keep_counts: Sequence[int], sizes: Sequence[int], multiple: int) -> list[int]:
-    """Round every kept count to the nearest multiple of `multiple`, staying within [multiple, size]."""
-    if multiple <= 1:
-        return [int(c) for c in keep_counts]
-    rounded = []
-    for count, size in zip(keep_counts, sizes, strict=True):
-        nearest = int(math.floor(count / multiple + 0.5)) * multiple
-        rounded.append(int(min(size, max(min(multiple, size), nearest))))
-    return rounded
 
 
 def pruned_arch(arch_json: Mapping, cost_model: CostModel, keep_counts: Sequence[int]) -> dict:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from pruning.regularizer import Regularizer
+
 CHECKPOINT_FORMAT = "latprune.train-checkpoint/1"
 DEFAULT_PROGRESS_EVERY_STEPS = 10
 
@@ -153,13 +155,15 @@ def train(
     seed: int = 0,
     params: Iterable[Any] | None = None,
     progress_every_steps: int = DEFAULT_PROGRESS_EVERY_STEPS,
+    regularizer: Regularizer | None = None,
 ) -> TrainResult:
     """Train with SGD + per-step cosine LR, checkpointing to checkpoint_dir/<stage>.ckpt and resuming from it.
 
     The shuffling order of epoch e depends only on (seed, e) and the RNG state is checkpointed, so a run that
     is cancelled and resumed ends with the same weights as an uninterrupted one (for loaders made by
     make_loaders or any loader whose shuffling uses its own generator). A fresh run seeds torch's global RNG
-    with `seed`; tensors in `params` that are not model parameters must already be on `device`.
+    with `seed`; tensors in `params` that are not model parameters must already be on `device`. A `regularizer`
+    adds its penalty to the loss, advances its schedule after every step, and is checkpointed with the run.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -190,14 +194,15 @@ def train(
     saved_rng: dict[str, Any] | None = None
     resumed_from: int | None = None
     if path is not None and resume and path.exists():
-        state, saved_rng = _load_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity)
+        state, saved_rng = _load_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity,
+                                            regularizer)
         resumed_from = state["epoch"] * steps_per_epoch + state["step_in_epoch"]
     else:
         torch.manual_seed(seed)
 
     def save() -> None:
         if path is not None:
-            _save_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity, state)
+            _save_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity, state, regularizer)
 
     def emit(epoch_number: int, step: int, loss: float | None) -> None:
         if progress is not None:
@@ -246,7 +251,8 @@ def train(
                     inputs, targets = next(batches)
                 except StopIteration:
                     break  # a loader shorter than its len(): end the epoch early rather than fail
-                loss = _step(model, optimizer, inputs, targets, device, extra_loss)
+                terms = _loss_terms(extra_loss, regularizer, global_step)
+                loss = _step(model, optimizer, inputs, targets, device, terms)
                 if loss is None:
                     raise TrainingError(
                         f"{stage}: the loss became non-finite at epoch {epoch + 1}, step {global_step + 1}; "
@@ -258,6 +264,8 @@ def train(
                 state["loss_sum"] += loss
                 interval_loss += loss
                 interval_steps += 1
+                if regularizer is not None:
+                    regularizer.after_step(model, global_step)
                 if on_step is not None:
                     on_step(model, global_step)
                 if interval_steps >= progress_every_steps:
@@ -287,6 +295,21 @@ def train(
         seconds=time.monotonic() - started,
         device=str(device),
     )
+
+
+def _loss_terms(extra_loss: Callable[[nn.Module], torch.Tensor] | None, regularizer: Regularizer | None,
+                step: int) -> Callable[[nn.Module], torch.Tensor] | None:
+    """extra_loss and the regularizer's penalty at `step` as one term (None when neither adds anything)."""
+    if regularizer is None:
+        return extra_loss
+
+    def terms(model: nn.Module) -> torch.Tensor:
+        penalty = regularizer.penalty(model, step)
+        extra = extra_loss(model) if extra_loss is not None else None
+        parts = [t for t in (extra, penalty) if t is not None]
+        return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+
+    return terms
 
 
 def _step(
@@ -363,8 +386,10 @@ def _save_checkpoint(
     extra_tensors: list[torch.Tensor],
     run_identity: dict[str, Any],
     state: dict[str, Any],
+    regularizer: Regularizer | None = None,
 ) -> None:
     payload = {
+        "regularizer": regularizer.state_dict() if regularizer is not None else None,
         "format": CHECKPOINT_FORMAT,
         "run": dict(run_identity),
         "state": {**state, "epoch_losses": list(state["epoch_losses"])},
@@ -393,6 +418,7 @@ def _load_checkpoint(
     scheduler: Any,
     extra_tensors: list[torch.Tensor],
     run_identity: dict[str, Any],
+    regularizer: Regularizer | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -416,6 +442,10 @@ def _load_checkpoint(
     with torch.no_grad():
         for tensor, saved in zip(extra_tensors, payload["extra_tensors"], strict=True):
             tensor.copy_(saved)
+    if regularizer is not None:
+        if payload.get("regularizer") is None:
+            raise CheckpointError(f"checkpoint {path} holds no regularizer state; delete it to start over")
+        regularizer.load_state_dict(payload["regularizer"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     state = dict(payload["state"])

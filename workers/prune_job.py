@@ -59,9 +59,9 @@ def job_resolutions(request: dict[str, Any]) -> list[int]:
 
     method = get_method(request["method"])
     if method.produces_cohort:
-        resolutions = method.validate_params(request.get("params") or {}).resolutions
+        resolutions = method.validate_params(request.get("params") or {}).member_resolutions()
         if resolutions:
-            return sorted({int(r) for r in resolutions})
+            return sorted(set(resolutions))
     return [job_resolution(request)]
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from pruning import zoo
-from pruning.budget import BudgetCost, fit_ranking, global_ranking
-from pruning.cost import CostModel
+from pruning.allocation import fit_ranking, global_ranking, masks_from_counts, round_counts
+from pruning.budget import BudgetCost
 from pruning.groups import ChannelGraph
 from pruning.importance import group_bn_gammas
-from pruning.registry import OFAParams
-from pruning.surgery import gather_params, masks_from_counts, materialize, round_counts, slice_indices
+from pruning.methods.api import CohortContext, CohortResult
+from pruning.surgery import gather_params, materialize, slice_indices
 from pruning.train import Cancelled, distillation_loss, train
 
 SEARCH_STATE = "search_state.json"
@@ -41,55 +40,6 @@ JOINT_DONE = "joint.json"
 JOINT_WEIGHTS = "joint.safetensors"
 
 Masks = list[torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MemberSpec:
-    """A cohort member before its structure is known: a budget (in the cohort's budget kind) at a resolution."""
-
-    id: int
-    kind: str  # flops | macs | params | latency_ms
-    value: float
-    resolution: int
-    device: str | None = None
-
-    @property
-    def name(self) -> str:
-        """Human-readable label, e.g. flops=0.5@24px."""
-        where = f"@{self.device}" if self.device else ""
-        return f"{self.kind}={self.value:g}{where}@{self.resolution}px"
-
-
-@dataclass
-class OFAContext:
-    """What the method needs: the model, one channel graph per resolution, the members and their budget costs."""
-
-    model: nn.Module
-    graphs: dict[int, ChannelGraph]  # one per resolution: groups are shared, spatial sizes are not
-    cost_models: dict[int, CostModel]
-    members: list[MemberSpec]
-    budget_costs: list[BudgetCost]  # aligned with members, each at its member's resolution
-    params: OFAParams
-    train_loader: DataLoader  # batches at `train_resolution`, resized per member
-    train_resolution: int
-    device: torch.device
-    search_epochs: int
-    joint_epochs: int
-    lr: float
-    joint_lr: float
-    seed: int = 0
-    progress: Callable[[dict], None] | None = None
-    should_cancel: Callable[[], bool] | None = None
-    checkpoint_dir: Path | None = None
-
-
-@dataclass
-class OFAResult:
-    """The trained shared network and every member's keep masks (aligned with OFAContext.members)."""
-
-    model: nn.Module
-    structures: list[Masks]
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- structure search -------------------------------------------------------------------------------------------
@@ -156,7 +106,7 @@ def _atomic_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def search_structures(ctx: OFAContext) -> tuple[list[Masks], dict[str, Any]]:
+def search_structures(ctx: CohortContext) -> tuple[list[Masks], dict[str, Any]]:
     """Stage 1: train with L1 on BN gammas until the members' masks settle (early bird) or the epochs run out."""
     params, base_graph = ctx.params, ctx.graphs[ctx.train_resolution]
     norms = bn_layers(ctx.model, base_graph)
@@ -328,7 +278,7 @@ class SandwichNet(nn.Module):
         return loss if loss is not None else torch.zeros(())
 
 
-def joint_train(ctx: OFAContext, structures: Sequence[Masks]) -> dict[str, Any]:
+def joint_train(ctx: CohortContext, structures: Sequence[Masks]) -> dict[str, Any]:
     """Stage 2: sandwich-rule training of the shared weights with in-place distillation."""
     started = time.monotonic()
     cost_models = ctx.cost_models
@@ -352,9 +302,9 @@ def joint_train(ctx: OFAContext, structures: Sequence[Masks]) -> dict[str, Any]:
 
 # ---- the method -------------------------------------------------------------------------------------------------
 
-def run(ctx: OFAContext) -> OFAResult:
+def run(ctx: CohortContext) -> CohortResult:
     """Search the members' structures, train the shared weights jointly; resumable from ctx.checkpoint_dir."""
-    if not isinstance(ctx, OFAContext):
+    if not isinstance(ctx, CohortContext):
         raise ValueError("method ofa produces a cohort of subnets: submit it as a job (the worker runs "
                          "pruning.cohort.run_cohort), not as a single-subnet prune")
     ckpt = ctx.checkpoint_dir
@@ -384,7 +334,7 @@ def run(ctx: OFAContext) -> OFAResult:
             zoo.save_weights(ctx.model, ckpt / JOINT_WEIGHTS)
             _atomic_json(ckpt / JOINT_DONE, joint_info)
     ctx.model.cpu().eval()
-    return OFAResult(ctx.model, structures, {"search": search_info, "joint": joint_info})
+    return CohortResult(ctx.model, structures, {"search": search_info, "joint": joint_info})
 
 
 # ---- after training ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from pruning.data import shuffled_loader
 from pruning.finisher import DeviceMeter
 from pruning.groups import ChannelGraph, ChannelGroup
-from pruning.methods.context import MethodContext, MethodResult
+from pruning.methods.api import MethodContext, Selection
 from pruning.train import distillation_loss, train
 
 # Where the finisher ranks the channels within a floor: far above any score the range term lets a gate reach.
@@ -310,7 +310,7 @@ def gate_loader(train_loader: DataLoader, epochs: int, min_steps: int, seed: int
     return shuffled_loader(data, size, seed, train_loader.num_workers, train_loader.pin_memory)
 
 
-def run(ctx: MethodContext) -> MethodResult:
+def run(ctx: MethodContext) -> Selection:
     """Train weight-dependent gates and the weights against task loss + lambda * max(0, cost/target - 1)."""
     p = ctx.params
     model = ctx.model
@@ -461,8 +461,7 @@ def run(ctx: MethodContext) -> MethodResult:
         "cost_trace": history["cost"][:: max(1, len(history["cost"]) // 50)],
         "latency_checks": history["latency_checks"],
         "latency_correction": float(gated.latency_correction),
-        # Gate scores share one threshold (0) across groups: the finisher ranks them as they are.
-        "comparable_scores": True,
-        "finisher_round_to": device_multiple(ctx),
     }
-    return MethodResult(model, masks, finisher_scores(scores, floors), None, info)
+    # Gate scores share one threshold (0) across groups: the finisher ranks them as they are.
+    return Selection(model, masks, finisher_scores(scores, floors), score_scale="global",
+                     round_to=device_multiple(ctx), info=info)

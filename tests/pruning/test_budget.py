@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from pruning.budget import Budget, BudgetCost, BudgetError, global_ranking, parse_budget, trim_to_budget
-from pruning.methods.context import MethodContext
+from pruning.allocation import global_ranking
+from pruning.allocation import trim_masks as trim_to_budget
+from pruning.budget import Budget, BudgetCost, BudgetError, parse_budget
+from pruning.methods.api import MethodContext
 from pruning.methods.l1 import run as run_l1
-from pruning.registry import L1Params
+from pruning.methods.l1_params import L1Params
 
 
 def l1_counts(model, graph, cost, budget, **params):

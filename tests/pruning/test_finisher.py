@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from pruning import zoo
+from pruning.allocation import round_counts as rounded_counts
+from pruning.allocation import trim_masks
 from pruning.budget import Budget, BudgetCost
 from pruning.cost import CostModel
 from pruning.finisher import (
@@ -17,8 +19,6 @@ from pruning.finisher import (
     fit_measured_latency,
     grow_masks,
     round_masks,
-    rounded_counts,
-    trim_masks,
 )
 from pruning.groups import ChannelGraph
 from tests.pruning.test_wgates import FakeLatency, resnet20_setup, tiny_setup

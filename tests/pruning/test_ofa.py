@@ -13,7 +13,7 @@ from pruning.budget import Budget, BudgetCost
 from pruning.cohort import plan_cohort
 from pruning.importance import group_bn_gammas
 from pruning.methods import ofa
-from pruning.methods.context import MethodContext
+from pruning.methods.api import MethodContext
 from pruning.pipeline import PruneRequest
 from pruning.registry import get_method
 from pruning.surgery import channel_scales, materialize

@@ -5,13 +5,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruning import zoo
+from pruning.allocation import round_counts
 from pruning.surgery import (
     channel_scales,
     export_onnx,
     fold_scales,
     materialize,
     pruned_arch,
-    round_counts,
 )
 
 

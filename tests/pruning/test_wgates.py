@@ -16,9 +16,10 @@ from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
 from pruning.groups import ChannelGraph
 from pruning.methods import wgates
-from pruning.methods.context import MethodContext
+from pruning.methods.api import MethodContext
+from pruning.methods.wgates_params import WGatesParams
 from pruning.pipeline import PruneRequest, run_prune
-from pruning.registry import WGatesParams, get_method
+from pruning.registry import get_method
 from pruning.surgery import materialize, onnx_macs
 
 
@@ -260,7 +261,7 @@ def test_latency_penalty_lowers_predicted_latency_in_a_few_steps():
     # The trace of the training cost falls as the penalty closes gates.
     trace = result.info["cost_trace"]
     assert trace[-1] < trace[0]
-    assert result.info["comparable_scores"] is True and result.scales is None
+    assert result.score_scale == "global" and result.scales is None
     assert [len(s) for s in result.scores] == ctx.graph.sizes
 
 
@@ -282,7 +283,7 @@ def test_flops_budget_uses_the_same_penalty_path():
     counts = [int(m.sum()) for m in result.keep_masks]
     assert ctx.budget.hard(counts) < ctx.budget.dense()
     assert result.info["target"] == pytest.approx(0.4 * ctx.cost_model.dense_macs)
-    assert result.info["finisher_round_to"] == 1
+    assert result.round_to == 1
 
 
 def test_short_schedules_train_the_gates_on_smaller_batches():
@@ -389,7 +390,7 @@ def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     assert "post_finetune_trim" not in section  # the final reading is within the band
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["latency_ms"]["rounds"] == section["rounds"]
-    assert saved["method_info"]["comparable_scores"] is True
+    assert saved["method_info"]["score_scale"] == "global"
 
 
 class SlowerAfterFinisher(PipelineLatency):
@@ -497,7 +498,7 @@ def channel_total(counts):
 
 
 def test_the_finisher_trims_below_the_floors_in_proportion_to_them():
-    from pruning.finisher import trim_masks
+    from pruning.allocation import trim_masks
 
     # An inner group (floor 2 of 8) and a residual stream (floor 16 of 32) at their floors; the budget pushed
     # hardest on the stream's gates, so its scores are the lowest.

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from latency.device import DeviceSpec
 from pruning.methods.wgates import device_multiple
-from pruning.registry import WGatesParams
+from pruning.methods.wgates_params import WGatesParams
 from workers.cohort_job import PredictOnly
 
 

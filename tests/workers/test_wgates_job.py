@@ -20,7 +20,7 @@ def test_wgates_latency_budget_job_through_the_service(redis_stack):
     assert done["state"] == "succeeded", done["error"]
     report = done["report"]
     assert report["method"] == "wgates" and report["params"]["hidden"] == 8
-    assert report["method_info"]["steps"] > 0 and report["method_info"]["comparable_scores"] is True
+    assert report["method_info"]["steps"] > 0 and report["method_info"]["score_scale"] == "global"
     section = report["latency_ms"]
     # The worker is the device here, so the pipeline re-measured the pruned model on it.
     assert section["target"] == budget_ms and section["measurements"][0]["action"] == "initial"
