@@ -20,14 +20,20 @@ from latency.timing import (
     relative_reading,
     torch_threads,
 )
+from pruning.oracle import DeviceOracle, RelativeReading
 
 
-class LatencyModel:
-    """LPNet of (device, arch, resolution) + a robust timer on that device: what run_prune gets as `latency`.
+class LatencyModel(DeviceOracle):
+    """LPNet of (device, arch, resolution) + a robust timer on that device: the engine's device oracle.
 
     predict_ms = LPNet's latency relative to the dense reference x `reference_ms`; `calibrate()` re-times
-    the dense model now, so predictions follow the machine's current speed.
+    the dense model now, so predictions follow the machine's current speed. Alternated readings
+    (`measure_relative`) share one quiet level of the reference for this model's lifetime (a job's), so a reading
+    taken in one of the machine's slow spells is retried.
     """
+
+    can_measure = True
+    times_relative = True
 
     def __init__(self, net: LPNet, meta: PredictorMeta, spec: DeviceSpec, resolution: int,
                  plan: TimingPlan | None = None):
@@ -38,8 +44,17 @@ class LatencyModel:
         self.plan = plan or TimingPlan()
         index = net.resolution_index(self.resolution, 1)
         self.reference_ms = float(net.reference_ms[index][0])
+        self.quiet = QuietReference()
         for p in self.net.parameters():
             p.requires_grad_(False)
+
+    @property
+    def channel_multiple(self) -> int:  # type: ignore[override]
+        return int(self.spec.channel_multiple or 1)
+
+    @property
+    def batch(self) -> int:  # type: ignore[override]
+        return int(self.spec.batch or 1)
 
     @property
     def arch(self) -> str:
@@ -90,8 +105,14 @@ class LatencyModel:
         with torch_threads(self.spec.threads):
             return measure(self._runner(Path(onnx_path), model, resolution), self.plan).sample.median_ms
 
-    def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,
-                         reference_model=None, quiet: QuietReference | None = None) -> Measurement:
+    def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,  # noqa: ANN001
+                         reference_model=None) -> RelativeReading:  # noqa: ANN001 - nn.Modules
+        """The oracle's reading: time_relative with this model's quiet level."""
+        reading = self.time_relative(onnx_path, reference_path, model, reference_model, self.quiet)
+        return RelativeReading(float(reading.ratio), reading.sample.median_ms, int(reading.slow_retries))
+
+    def time_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,
+                      reference_model=None, quiet: QuietReference | None = None) -> Measurement:
         """The model timed alternated run by run with a reference model (as the profile times its samples against
         the dense one); `.ratio` is their ratio of 10th percentiles, the statistic LPNet was fitted on. With
         `quiet`, readings taken while the reference runs slower than its quiet level are retried."""

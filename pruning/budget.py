@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
 from pruning.cost import CostModel
+from pruning.oracle import DeviceOracle
 
 BudgetKind = Literal["flops", "macs", "params", "latency_ms"]
 BUDGET_KINDS: tuple[str, ...] = ("flops", "macs", "params", "latency_ms")
@@ -58,18 +59,10 @@ def parse_budget(text: str) -> Budget:
     return Budget(kind, number, device)  # type: ignore[arg-type]
 
 
-class LatencyPredictor(Protocol):
-    """What the engine needs from a device's latency model."""
-
-    def predict_ms(self, keep_ratios: torch.Tensor) -> torch.Tensor: ...
-
-    def measure_ms(self, onnx_path: str) -> float: ...
-
-
 class BudgetCost:
     """A budget's cost of a channel configuration: `hard` on integer counts, `soft` differentiable."""
 
-    def __init__(self, budget: Budget, cost_model: CostModel, latency: LatencyPredictor | None = None):
+    def __init__(self, budget: Budget, cost_model: CostModel, latency: DeviceOracle | None = None):
         self.budget = budget
         self.cost_model = cost_model
         self.latency = latency

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from pruning import zoo
-from pruning.budget import Budget, BudgetCost, BudgetError, LatencyPredictor
+from pruning.budget import Budget, BudgetCost, BudgetError
 from pruning.cost import CostModel
 from pruning.data import DatasetSplits, load_dataset, make_loaders
 from pruning.groups import ChannelGraph
 from pruning.methods.api import CohortContext, MemberSpec
 from pruning.methods.ofa import decode_masks, encode_masks, recalibrate_bn
+from pruning.oracle import DeviceOracle
 from pruning.pipeline import PruneRequest
 from pruning.registry import get_method, load_runner
 from pruning.selection import fronts_by_device
@@ -42,7 +43,7 @@ STAGE_SPAN = {"search": (0.0, 0.45), "joint": (0.45, 0.9), "export": (0.9, 1.0)}
 
 # Device name -> a function giving that device's latency model at an input resolution (it may raise when the
 # device has no predictor at that resolution; the member's prediction is then None).
-LatencyModels = Mapping[str, Callable[[int], LatencyPredictor]]
+LatencyModels = Mapping[str, Callable[[int], DeviceOracle]]
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -73,7 +74,7 @@ def member_budget(kind: str, value: float, device: str | None, base_dense_macs: 
     return Budget(kind, value, device if kind == "latency_ms" else None)  # type: ignore[arg-type]
 
 
-def _latency_at(latency_models: LatencyModels | None, device: str, resolution: int) -> LatencyPredictor:
+def _latency_at(latency_models: LatencyModels | None, device: str, resolution: int) -> DeviceOracle:
     if not latency_models or device not in latency_models:
         raise BudgetError(f"a latency_ms budget on {device!r} needs that device's latency model")
     return latency_models[device](resolution)
@@ -321,7 +322,7 @@ def _member_latency(member: dict, latency_models: LatencyModels | None, budget: 
         measured = (earlier.get(device) or {}).get("measured_ms")
         model = latency_models[device](member["resolution"])
         # A predict-only model (the worker is not that device) leaves measuring to the device's own queue.
-        if measured is None and callable(getattr(model, "measure_ms", None)):
+        if measured is None and model.can_measure:
             measured = float(model.measure_ms(str(out_dir / member["files"]["onnx"])))
             _store_measurement(out_dir, member, device, measured)
         latency[device]["measured_ms"] = measured

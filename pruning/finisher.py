@@ -5,7 +5,6 @@ and the latency loop that re-measures the materialized model on the device and t
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import statistics
 import tempfile
@@ -17,31 +16,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from latency.timing import QuietReference, relative_reading
 from pruning.allocation import largest_true, mask_counts, masks_from_counts, ranked_values, round_counts, trim_masks
-from pruning.budget import BudgetCost, LatencyPredictor
+from pruning.budget import BudgetCost
 from pruning.groups import ChannelGraph
+from pruning.oracle import DeviceOracle
 from pruning.surgery import export_onnx, materialize
 
 Masks = list[torch.Tensor]
 Fits = Callable[[list[int]], bool]
 
 
-def measure_model_ms(model: nn.Module, input_shape: Sequence[int], latency: LatencyPredictor,
+def measure_model_ms(model: nn.Module, input_shape: Sequence[int], latency: DeviceOracle,
                      describe: Callable[[nn.Module], dict] | None = None) -> float:
     """Measured latency (ms) of `model` on the latency device: exported to ONNX at the device's batch size, with
     arch.json (`describe`: model -> arch.json) next to it for devices that rebuild the model from it."""
     from pruning import zoo
 
-    batch = int(getattr(getattr(latency, "spec", None), "batch", 1) or 1)
-    shape = (batch, *tuple(input_shape)[1:])
+    shape = (int(latency.batch), *tuple(input_shape)[1:])
     with tempfile.TemporaryDirectory(prefix="latprune-measure-") as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx", shape)
         if describe is not None:
             zoo.save_arch(describe(model), Path(tmp) / "arch.json")
-        if "model" in inspect.signature(latency.measure_ms).parameters:
-            return float(latency.measure_ms(str(path), model=model))
-        return float(latency.measure_ms(str(path)))
+        return float(latency.measure_ms(str(path), model=model))
 
 
 class DeviceMeter:
@@ -49,15 +45,15 @@ class DeviceMeter:
 
     On a shared machine the absolute speed drifts between measurements; the ratio to the dense model measured
     alongside the candidate does not, so a candidate's ms = its ratio x `reference_ms` (the dense latency the
-    predictor was fitted against, else the dense model's first measurement here). Where the latency model can
-    (`measure_relative`), each round times the two alternated run by run and takes the ratio of 10th percentiles,
+    predictor was fitted against, else the dense model's first measurement here). Where the oracle can
+    (`times_relative`), each round times the two alternated run by run and takes the ratio of 10th percentiles,
     as the profile does for LPNet's labels, retrying a round timed while the dense model ran slower than its
-    quiet level (`quiet`, kept across this meter's readings); else a round is dense, candidate, dense timed one
+    quiet level (the oracle keeps that level across readings); else a round is dense, candidate, dense timed one
     after another, with the ratio of medians. The ratio is the median of `repeats` rounds, so one round hit by
     another process's burst does not count.
     """
 
-    def __init__(self, latency: LatencyPredictor, dense: nn.Module, input_shape: Sequence[int],
+    def __init__(self, latency: DeviceOracle, dense: nn.Module, input_shape: Sequence[int],
                  describe: Callable[[nn.Module], dict] | None = None, reference_ms: float | None = None,
                  repeats: int = 5):
         self.latency = latency
@@ -65,12 +61,11 @@ class DeviceMeter:
         self.describe = describe
         self.repeats = max(1, int(repeats))
         self.dense = copy.deepcopy(dense).cpu().eval()
-        self.quiet = QuietReference()
         # The dense model never changes: exported once, for every reading (a temporary folder removed with the
         # meter), not once per reading as before.
         self._dense_folder: tempfile.TemporaryDirectory | None = None
         self.reference_ms = float(reference_ms if reference_ms is not None
-                                  else getattr(latency, "reference_ms", None) or self.dense_ms())
+                                  else latency.reference_ms or self.dense_ms())
 
     def dense_ms(self) -> float:
         """The dense model's latency right now."""
@@ -82,15 +77,11 @@ class DeviceMeter:
         dense_path = self._dense_path()
         with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
             path = self._export(model, Path(tmp) / "candidate")
-            relative = getattr(self.latency, "measure_relative", None)
-            if relative is not None:
+            if self.latency.times_relative:
                 # Medians timed one after the other differ by 5-30% on a loaded 2-core machine where alternated
-                # 10th percentiles differ by 1-4% (latency/timing.py); readings of one resnet56 configuration
-                # here spread over 0.79-1.14 ms. Without the quiet level, a job's final re-measure that fell in
-                # one of the VM's slow spells read the finisher's choice 20-30% over the finisher's own reading.
-                return relative_reading([relative(str(path), str(dense_path), model=model,
-                                                  reference_model=self.dense, quiet=self.quiet)
-                                         for _ in range(self.repeats)], self.reference_ms)
+                # 10th percentiles differ by 1-4% (latency/timing.py), and a reading in one of the machine's slow
+                # spells can read a configuration 20-30% over its quiet latency; the oracle retries those.
+                return self._relative(path, dense_path, model)
             ratios, raws = [], []
             before = self._time(dense_path, self.dense)
             for _ in range(self.repeats):
@@ -103,6 +94,14 @@ class DeviceMeter:
         return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
                 "slow_retries": 0}
 
+    def _relative(self, path: Path, dense_path: Path, model: nn.Module) -> dict[str, float]:
+        readings = [self.latency.measure_relative(str(path), str(dense_path), model=model, reference_model=self.dense)
+                    for _ in range(self.repeats)]
+        ratio = statistics.median(r.ratio for r in readings)
+        return {"ms": ratio * self.reference_ms, "ratio": ratio,
+                "raw_ms": statistics.median(r.raw_ms for r in readings),
+                "slow_retries": sum(r.slow_retries for r in readings)}
+
     def _dense_path(self) -> Path:
         if self._dense_folder is None:
             self._dense_folder = tempfile.TemporaryDirectory(prefix="latprune-meter-dense-")
@@ -113,16 +112,13 @@ class DeviceMeter:
         from pruning import zoo
 
         folder.mkdir(parents=True, exist_ok=True)
-        batch = int(getattr(getattr(self.latency, "spec", None), "batch", 1) or 1)
-        path = export_onnx(model, folder / "model.onnx", (batch, *self.input_shape[1:]))
+        path = export_onnx(model, folder / "model.onnx", (int(self.latency.batch), *self.input_shape[1:]))
         if self.describe is not None:
             zoo.save_arch(self.describe(model), folder / "arch.json")
         return path
 
     def _time(self, path: Path, model: nn.Module) -> float:
-        if "model" in inspect.signature(self.latency.measure_ms).parameters:
-            return float(self.latency.measure_ms(str(path), model=model))
-        return float(self.latency.measure_ms(str(path)))
+        return float(self.latency.measure_ms(str(path), model=model))
 
     def measure_masks(self, model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
                       scales: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:

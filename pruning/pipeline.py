@@ -18,7 +18,7 @@ import torch
 
 from pruning import zoo
 from pruning.allocation import trim_masks
-from pruning.budget import Budget, BudgetCost, LatencyPredictor, parse_budget
+from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
 from pruning.finisher import (
@@ -32,6 +32,7 @@ from pruning.finisher import (
 )
 from pruning.groups import ChannelGraph
 from pruning.methods.api import MethodContext, Selection
+from pruning.oracle import DeviceOracle
 from pruning.registry import get_method, load_check, load_runner
 from pruning.surgery import export_onnx, materialize
 from pruning.train import Cancelled, evaluate, pick_device, seed_everything, train
@@ -89,7 +90,7 @@ def _stage_progress(progress: Callable[[dict], None] | None, stage: str) -> Call
 
 def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[dict], None] | None = None,
               should_cancel: Callable[[], bool] | None = None, checkpoint_dir: str | Path | None = None,
-              latency: LatencyPredictor | None = None) -> dict:
+              latency: DeviceOracle | None = None) -> dict:
     """Run the job; write model.onnx, model.safetensors, arch.json and report.json to `out_dir`; return the report."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -132,7 +133,7 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
     budget_cost = BudgetCost(request.budget, cost_model, latency)
 
     meter = None
-    if request.budget.kind == "latency_ms" and latency is not None and hasattr(latency, "measure_ms"):
+    if request.budget.kind == "latency_ms" and latency is not None and latency.can_measure:
         # One meter for the whole job, so the final reading knows the machine's quiet speed from the finisher's.
         meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
     pruned_arch_path = ckpt / "pruned.arch.json" if ckpt else None
@@ -228,10 +229,9 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
         "device": str(device),
     }
     if latency is not None:
-        # A predictor without measure_ms means this worker is not the device: the device's own queue measures later.
-        can_measure = hasattr(latency, "measure_ms")
+        # An oracle that cannot measure means this worker is not the device: the device's own queue measures later.
         measured_dense = measured_pruned = None
-        if can_measure:
+        if latency.can_measure:
             export_onnx(dense, out_dir / "dense.onnx", input_shape)
             measured_dense = latency.measure_ms(str(out_dir / "dense.onnx"))
             measured_pruned = latency.measure_ms(str(out_dir / "model.onnx"))

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pruning.oracle import DeviceOracle
 from service.models import Artifact, Device, Predictor, Subnet
 from service.storage import ArtifactStore
 
@@ -28,11 +29,16 @@ def subnet_store_path(tenant_id: int, job_id: int, member: int) -> str:
     return f"tenants/{tenant_id}/jobs/{job_id}/subnets/{member}"
 
 
-class PredictOnly:
-    """A device's LPNet at one resolution as the engine's latency model, without measuring (not on the device)."""
+class PredictOnly(DeviceOracle):
+    """A device's LPNet at one resolution as the engine's device oracle, without measuring (not on the device)."""
 
     def __init__(self, model: Any):  # latency.latency_model.LatencyModel
         self.model = model
+
+    @property
+    def reference_ms(self) -> float:  # type: ignore[override]
+        """The dense latency the predictor's ratios are scaled by (the profile's median dense reference)."""
+        return self.model.reference_ms
 
     @property
     def group_sizes(self) -> list[int]:
@@ -40,13 +46,16 @@ class PredictOnly:
 
     @property
     def spec(self):  # noqa: ANN201 - latency.device.DeviceSpec, imported lazily
-        """The device's spec: methods read its channel_multiple (wgates' finisher rounding)."""
         return self.model.spec
 
     @property
-    def reference_ms(self) -> float:
-        """The dense latency the predictor's ratios are scaled by (the profile's median dense reference)."""
-        return self.model.reference_ms
+    def channel_multiple(self) -> int:  # type: ignore[override]
+        """The device's block size (wgates' finisher rounding)."""
+        return int(self.model.spec.channel_multiple or 1)
+
+    @property
+    def batch(self) -> int:  # type: ignore[override]
+        return int(self.model.spec.batch or 1)
 
     def predict_ms(self, keep_ratios):  # noqa: ANN001, ANN201 - torch tensors
         return self.model.predict_ms(keep_ratios)

@@ -10,20 +10,23 @@ from workers.cohort_job import PredictOnly, load_latency_model
 
 
 class DeviceLatency(PredictOnly):
-    """predict_ms plus measure_ms: only where this worker runs on the device itself.
+    """predict_ms plus measuring: only where this worker runs on the device itself.
 
-    Elsewhere the engine gets a PredictOnly (no measure_ms), and the job's subnets are re-measured
+    Elsewhere the engine gets a PredictOnly (can_measure False), and the job's subnets are re-measured
     afterwards by a task on the device's own queue (profile.measure).
     """
 
-    def measure_ms(self, onnx_path: str | Path, resolution: int | None = None) -> float:
+    can_measure = True
+    times_relative = True
+
+    def measure_ms(self, onnx_path: str | Path, model=None, resolution: int | None = None) -> float:  # noqa: ANN001
         """Latency of the exported model here; `resolution` feeds a torch runtime (see LatencyModel.measure_ms)."""
-        return self.model.measure_ms(onnx_path, resolution=resolution)
+        return self.model.measure_ms(onnx_path, model=model, resolution=resolution)
 
     def measure_relative(self, onnx_path: str | Path, reference_path: str | Path, model=None,  # noqa: ANN001
-                         reference_model=None, quiet=None):  # noqa: ANN001, ANN201 - latency.timing types
+                         reference_model=None):  # noqa: ANN001, ANN201 - nn.Modules, pruning.oracle.RelativeReading
         """The model timed alternated with a reference model here (see LatencyModel.measure_relative)."""
-        return self.model.measure_relative(onnx_path, reference_path, model, reference_model, quiet)
+        return self.model.measure_relative(onnx_path, reference_path, model, reference_model)
 
 
 def load_device_latency(store: ArtifactStore, device: Device, predictor: Predictor) -> PredictOnly:

@@ -20,9 +20,6 @@ class WGatesParams(MethodParams):
 
     hidden: int = Field(32, ge=1, le=1024, description="hidden width of each group's gate network")
     gate_lr: float = Field(0.05, gt=0, le=10, description="SGD learning rate of the gate networks")
-    gate_lr_by_width: bool = Field(False, description="scale each group's gate learning rate by the mean group "
-                                                      "width over its width, so that a wide group's gates do not "
-                                                      "move faster because more channels push on them")
     lambda_init: float = Field(1.0, gt=0, description="initial weight of the budget penalty")
     lambda_rate: float = Field(0.05, ge=0, le=1, description="per-step relative change of the penalty weight "
                                                               "(up while over the target, down while under)")
@@ -49,29 +46,14 @@ class WGatesParams(MethodParams):
         "residual_first", description="how floor_share lowers the floors: residual_first lowers "
                                       "residual_min_keep to min_keep before both fall together; together scales "
                                       "both by one factor")
-    floor_residual_ratio: float | None = Field(
-        None, ge=1, description="the residual streams' floor share first falls to this many times the inner one "
-                                "(inner floors stay), then both fall together, whatever floor_lowering says; "
-                                "None: as floor_lowering says (residual_first: 1)")
     floor_tolerance: float = Field(0.05, ge=0, le=0.5, description="floor_share applies only to floors that cost "
                                                                 "more than the target by more than this share "
                                                                 "(within it, timings cannot tell them apart)")
     min_gate_steps: int = Field(100, ge=0, description="if the gate epochs hold fewer steps than this at the "
                                                      "job's batch size, the gates train on smaller batches (not "
                                                      "below 16) so that they get this many; 0: the job's batch")
-    scale_weight_lr: bool = Field(False, description="when min_gate_steps makes the gates train on smaller batches "
-                                                    "than the job's, scale the weights' learning rate by the same "
-                                                    "factor (linear scaling rule)")
     range_weight: float = Field(1.0, ge=0, description="weight of the term keeping gate scores inside the "
                                                        "straight-through window [-1, 1] (0: off)")
-    range_to_filters: bool = Field(False, description="whether the range term also pulls on the filter weights "
-                                                    "(the gate scores are functions of them); false: on the gate "
-                                                    "networks only")
-    cost_to_filters: bool = Field(True, description="whether the budget penalty also pulls on the filter weights "
-                                                   "(as in W-Gates); false: it trains the gate networks only and "
-                                                   "the weights learn from the task loss alone")
-    range_mean: bool = Field(True, description="average the range term over each group's channels instead of "
-                                                "summing it (a pull that does not grow with the group's width)")
     two_sided: bool = Field(True, description="after the annealing, penalise being under the target too, so the "
                                               "gates settle at the budget instead of below it")
     settle_tolerance: float = Field(0.02, ge=0, le=0.5, description="relative distance to the target within "
@@ -80,9 +62,5 @@ class WGatesParams(MethodParams):
                                                            "measured on the device during training, from the end "
                                                            "of the annealing on, to correct LPNet's bias")
     target_margin: float = Field(0.0, ge=0, lt=0.5, description="aim the gates this fraction under the target")
-    distill_weight: float = Field(0.0, ge=0, le=100, description="weight of a distillation term in the gate "
-                                                                 "training: the KL divergence of the gated model's "
-                                                                 "softened outputs from the dense model's (0: off)")
-    distill_temperature: float = Field(4.0, gt=0, le=100, description="temperature of that distillation term")
     device_rounding: bool = Field(True, description="with round_to=1, let the finisher round kept channels to "
                                                     "the latency device's channel_multiple if that measures faster")

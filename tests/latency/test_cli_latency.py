@@ -78,7 +78,7 @@ def test_profile_fit_eval_and_load_for_the_engine(home, tmp_path):
     assert model.measure_ms(str(onnx_path)) > 0
     small = surgery.export_onnx(target.model([1] * len(target.group_sizes)), tmp_path / "small.onnx",
                                 (1, 3, 16, 16))
-    relative = model.measure_relative(str(small), str(onnx_path))
+    relative = model.time_relative(str(small), str(onnx_path))
     assert relative.reference is not None and relative.reference.runs == relative.sample.runs
     assert relative.ratio == relative.sample.p10_ms / relative.reference.p10_ms
     before = float(model.predict_ms(torch.ones(len(model.group_sizes))))

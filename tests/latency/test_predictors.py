@@ -65,7 +65,7 @@ def test_torch_runtime_profiles_and_measures_without_onnx(tmp_path, tiny_target)
     model = LatencyModel(net, meta, spec, 16, plan=QUICK_PLAN)
     assert model.measure_ms(tmp_path / "unused.onnx", model=tiny_target.model(tiny_target.group_sizes)) > 0
     # The torch runtime times the given modules, interleaved: a one-channel-per-group net against the dense one.
-    relative = model.measure_relative(tmp_path / "a.onnx", tmp_path / "b.onnx",
+    relative = model.time_relative(tmp_path / "a.onnx", tmp_path / "b.onnx",
                                       model=tiny_target.model([1] * len(tiny_target.group_sizes)),
                                       reference_model=tiny_target.model(tiny_target.group_sizes))
     assert relative.reference is not None and 0 < relative.ratio

@@ -12,6 +12,7 @@ import torch
 from pruning import zoo
 from pruning.budget import Budget, BudgetError
 from pruning.cohort import member_dir, run_cohort
+from pruning.oracle import DeviceOracle
 from pruning.pipeline import PruneRequest
 from pruning.train import Cancelled
 
@@ -24,8 +25,10 @@ def request(**overrides) -> PruneRequest:
     return PruneRequest(**{**fields, **overrides})
 
 
-class FakeLatency:
+class FakeLatency(DeviceOracle):
     """A predictor whose latency grows with width and pixels; measuring returns a fixed time and is counted."""
+
+    can_measure = True
 
     measured: list[str] = []
 
@@ -35,7 +38,7 @@ class FakeLatency:
     def predict_ms(self, keep_ratios: torch.Tensor) -> torch.Tensor:
         return keep_ratios.float().mean() * 10.0 * (self.resolution / 16) ** 2
 
-    def measure_ms(self, onnx_path: str) -> float:
+    def measure_ms(self, onnx_path: str, model=None) -> float:  # noqa: ANN001
         FakeLatency.measured.append(onnx_path)
         return 1.25
 

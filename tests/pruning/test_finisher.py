@@ -313,18 +313,17 @@ class RelativeLatency(FakeLatency):
     (timed alone) off by a burst that must not reach the meter."""
 
     reference_ms = 2.0
+    times_relative = True
 
-    def measure_ms(self, onnx_path: str) -> float:
+    def measure_ms(self, onnx_path: str, model=None) -> float:  # noqa: ANN001
         raise AssertionError("timed alone although the device can time against the reference")
 
-    def measure_relative(self, onnx_path, reference_path, model=None, reference_model=None,  # noqa: ANN001, ANN201
-                         quiet=None):  # noqa: ANN001
-        from types import SimpleNamespace
-
+    def measure_relative(self, onnx_path, reference_path, model=None, reference_model=None):  # noqa: ANN001, ANN201
+        from pruning.oracle import RelativeReading
         from tests.pruning.test_wgates import onnx_macs
 
         ratio = onnx_macs(onnx_path) / onnx_macs(reference_path)
-        return SimpleNamespace(ratio=ratio, sample=SimpleNamespace(median_ms=ratio * 1.5), slow_retries=0)
+        return RelativeReading(ratio=ratio, raw_ms=ratio * 1.5, slow_retries=0)
 
 
 def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_the_device_can():
