@@ -213,10 +213,8 @@ def held_out_metrics(subnet: nn.Module, loader: DataLoader, batches: int, device
     return {"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples}
 
 
-def better(candidate: dict, best: dict | None) -> bool:
+def better(candidate: dict, best: dict) -> bool:
     """Higher held-out accuracy wins; equal accuracy: lower loss; a full tie keeps the earlier criterion."""
-    if best is None:
-        return True
     return (candidate["accuracy"], -candidate["loss"]) > (best["accuracy"], -best["loss"])
 
 
@@ -287,6 +285,34 @@ def _emit(progress: Callable[[dict], None] | None, step: int, steps: int, cost: 
                   "loss": result["loss"], "criterion": name, "accuracy": result["accuracy"]})
 
 
+def candidate(ctx: MethodContext, model: nn.Module, name: str, counts: Sequence[int]):
+    """One criterion's (scores, masks, recalibrated subnet) at the allocated widths."""
+    scores = criterion_scores(name, model, ctx.graph, ctx.seed)
+    masks = masks_from_counts(scores, counts)
+    subnet, _ = recalibrated_subnet(model, ctx.graph, masks, ctx.train_loader, ctx.params.recal_batches, ctx.seed,
+                                    ctx.device)
+    return scores, masks, subnet
+
+
+def score_criteria(ctx: MethodContext, model: nn.Module, counts: Sequence[int], cache: CriterionCache,
+                   cost: float) -> tuple[str, nn.Module | None]:
+    """Score every criterion the cache lacks (cancellable before each); returns the best criterion and its
+    subnet, or None for the subnet when the winner's score came from the cache."""
+    criteria = ctx.params.criteria
+    best_name, best_subnet = None, None
+    for step, name in enumerate(criteria, start=1):
+        subnet = None
+        if name not in cache.results:
+            if ctx.should_cancel is not None and ctx.should_cancel():
+                raise Cancelled(f"adapruner cancelled before criterion {name!r}")
+            _, _, subnet = candidate(ctx, model, name, counts)
+            cache.store(name, held_out_metrics(subnet, ctx.val_loader, ctx.params.val_batches, ctx.device))
+        if best_name is None or better(cache.results[name], cache.results[best_name]):
+            best_name, best_subnet = name, subnet
+        _emit(ctx.progress, step, len(criteria), cost, cache.results[name], name)
+    return best_name, best_subnet
+
+
 def run(ctx: MethodContext) -> Selection:
     """Allocate widths by block BN importance, score every inheritance criterion, keep the best."""
     params: AdaPrunerParams = ctx.params  # type: ignore[assignment]
@@ -299,26 +325,12 @@ def run(ctx: MethodContext) -> Selection:
         "counts": counts, "seed": ctx.seed, "recal_batches": params.recal_batches,
         "val_batches": params.val_batches, "weights": weights_digest(model)})
     resumed = [name for name in params.criteria if name in cache.results]
-    best_name, best_subnet = None, None
-    for step, name in enumerate(params.criteria, start=1):
-        if name not in cache.results:
-            if ctx.should_cancel is not None and ctx.should_cancel():
-                raise Cancelled(f"adapruner cancelled before criterion {name!r}")
-            masks = masks_from_counts(criterion_scores(name, model, ctx.graph, ctx.seed), counts)
-            subnet, _ = recalibrated_subnet(model, ctx.graph, masks, ctx.train_loader, params.recal_batches,
-                                            ctx.seed, ctx.device)
-            cache.store(name, held_out_metrics(subnet, ctx.val_loader, params.val_batches, ctx.device))
-            if better(cache.results[name], cache.results.get(best_name) if best_name else None):
-                best_subnet = subnet
-        result = cache.results[name]
-        if better(result, cache.results.get(best_name) if best_name else None):
-            best_name = name
-        _emit(ctx.progress, step, len(params.criteria), cost, result, name)
-    scores = criterion_scores(best_name, model, ctx.graph, ctx.seed)
-    masks = masks_from_counts(scores, counts)
-    if best_name in resumed:  # evaluated by an earlier, killed run: rebuild it (same batches, same statistics)
-        best_subnet, _ = recalibrated_subnet(model, ctx.graph, masks, ctx.train_loader, params.recal_batches,
-                                             ctx.seed, ctx.device)
+    best_name, best_subnet = score_criteria(ctx, model, counts, cache, cost)
+    if best_subnet is None:  # scored by an earlier, killed run: rebuilt from the same batches, same statistics
+        scores, masks, best_subnet = candidate(ctx, model, best_name, counts)
+    else:
+        scores = criterion_scores(best_name, model, ctx.graph, ctx.seed)
+        masks = masks_from_counts(scores, counts)
     inherited, bn_written = inherit_bn_stats(model, ctx.graph, masks, best_subnet)
     info = {"criteria": {name: cache.results[name] for name in params.criteria}, "chosen": best_name,
             "kappa": allocation.kappa, "rho_min": params.rho_min, "allocation": asdict(allocation),

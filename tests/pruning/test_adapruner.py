@@ -173,7 +173,9 @@ class CancelAfter:
         return self.seen >= self.calls
 
 
-def test_a_cancelled_job_resumes_from_the_criterion_cache_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("winner_cached", [False, True])
+def test_a_cancelled_job_resumes_from_the_criterion_cache_and_matches_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                          winner_cached):
     evaluated = []
     real = adapruner.held_out_metrics
 
@@ -182,18 +184,24 @@ def test_a_cancelled_job_resumes_from_the_criterion_cache_and_matches_an_uninter
         return real(subnet, *args)
 
     monkeypatch.setattr(adapruner, "held_out_metrics", counting)
+    criteria = list(CRITERIA)
     whole = adapruner.run(context(checkpoint_dir=tmp_path / "whole"))
-    assert len(evaluated) == len(CRITERIA)
+    if winner_cached:  # the winner among the criteria finished before the cancel: the resumed run rebuilds it
+        criteria = [whole.info["chosen"]] + [c for c in CRITERIA if c != whole.info["chosen"]]
+        whole = adapruner.run(context(checkpoint_dir=tmp_path / "whole_reordered", criteria=criteria))
+    assert len(evaluated) == len(CRITERIA) * (2 if winner_cached else 1)
     evaluated.clear()
     with pytest.raises(Cancelled):
-        adapruner.run(context(checkpoint_dir=tmp_path / "job", should_cancel=CancelAfter(3)))
+        adapruner.run(context(checkpoint_dir=tmp_path / "job", should_cancel=CancelAfter(3), criteria=criteria))
     assert len(evaluated) == 2  # two criteria finished before the cancel
     evaluated.clear()
-    resumed = adapruner.run(context(checkpoint_dir=tmp_path / "job"))
+    resumed = adapruner.run(context(checkpoint_dir=tmp_path / "job", criteria=criteria))
     assert len(evaluated) == len(CRITERIA) - 2
-    assert resumed.info["resumed_criteria"] == list(CRITERIA[:2])
+    assert resumed.info["resumed_criteria"] == criteria[:2]
+    assert (resumed.info["chosen"] in criteria[:2]) == winner_cached
     assert resumed.info["criteria"] == whole.info["criteria"] and resumed.info["chosen"] == whole.info["chosen"]
     assert all(torch.equal(a, b) for a, b in zip(resumed.keep_masks, whole.keep_masks, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.scores, whole.scores, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
                                                  whole.model.state_dict().values(), strict=True))
     # A cache written for other weights is ignored.
@@ -201,6 +209,7 @@ def test_a_cancelled_job_resumes_from_the_criterion_cache_and_matches_an_uninter
     other = context(checkpoint_dir=tmp_path / "job")
     with torch.no_grad():
         other.model[0].weight.mul_(1.5)
+    other.params = AdaPrunerParams(recal_batches=2, criteria=criteria)
     assert adapruner.run(other).info["resumed_criteria"] == [] and len(evaluated) == len(CRITERIA)
 
 
