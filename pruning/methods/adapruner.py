@@ -101,6 +101,8 @@ class BlockWidths:
 
 @dataclass(frozen=True)
 class Allocation:
+    """The widths AdaPruner allocates, and how close to the budget they come."""
+
     counts: list[int]
     kappa: float
     cost_ratio: float  # hard cost / target (latency: the predictor's ms)
@@ -272,7 +274,8 @@ def weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # Raw bytes of any dtype (numpy has no bfloat16).
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

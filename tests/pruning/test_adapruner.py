@@ -234,6 +234,8 @@ def test_architectures(arch):
     assert 0.98 <= ctx.budget.hard(selection.keep_counts) / ctx.budget.target <= 1.0
     assert set(selection.info["criteria"]) == {"bn_gamma", "fpgm"}
     pruned = materialize(selection.model, ctx.graph, list(selection.keep_masks))
+    norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules())
+    assert selection.info["bn_layers_recalibrated"] == norms > 0  # every BN carries its recalibrated statistics
     with torch.no_grad():
         assert pruned(torch.randn(2, 3, resolution, resolution)).shape == (2, 4)
 
