@@ -1,289 +1,42 @@
-"""The budget finisher after a method: trim (or grow) channel masks by importance, optional channel rounding,
-and the latency loop that re-measures the materialized model on the device and trims again while it is over.
+"""The budget finisher after a method: the measured-latency search that re-measures the materialized model on
+the device and trims (or grows) it by importance until it reads within the band, and the same trim of an already
+fine-tuned model. Its steps are in pruning.finisher_steps, the measuring in pruning.meter.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pruning.allocation import largest_true, mask_counts, masks_from_counts, ranked_values, round_counts, trim_masks
+from pruning.allocation import mask_counts, trim_masks
 from pruning.budget import BudgetCost
+from pruning.finisher_steps import (  # noqa: F401 - the steps, re-exported
+    Fits,
+    Masks,
+    Probe,
+    between_masks,
+    brackets_from_below,
+    capped_masks,
+    cliff_caps,
+    grow_masks,
+    round_masks,
+    scaled_aim,
+    secant_aim,
+    tried,
+)
 from pruning.groups import ChannelGraph
-from pruning.oracle import DeviceOracle
-from pruning.surgery import export_onnx, materialize
-
-Masks = list[torch.Tensor]
-Fits = Callable[[list[int]], bool]
-
-
-def measure_model_ms(model: nn.Module, input_shape: Sequence[int], latency: DeviceOracle,
-                     describe: Callable[[nn.Module], dict] | None = None) -> float:
-    """Measured latency (ms) of `model` on the latency device: exported to ONNX at the device's batch size, with
-    arch.json (`describe`: model -> arch.json) next to it for devices that rebuild the model from it."""
-    from pruning import zoo
-
-    shape = (int(latency.batch), *tuple(input_shape)[1:])
-    with tempfile.TemporaryDirectory(prefix="latprune-measure-") as tmp:
-        path = export_onnx(model, Path(tmp) / "model.onnx", shape)
-        if describe is not None:
-            zoo.save_arch(describe(model), Path(tmp) / "arch.json")
-        return float(latency.measure_ms(str(path), model=model))
-
-
-class DeviceMeter:
-    """Latency of candidate models relative to the dense model timed alongside each of them.
-
-    On a shared machine the absolute speed drifts between measurements; the ratio to the dense model measured
-    alongside the candidate does not, so a candidate's ms = its ratio x `reference_ms` (the dense latency the
-    predictor was fitted against, else the dense model's first measurement here). Where the oracle can
-    (`times_relative`), each round times the two alternated run by run and takes the ratio of 10th percentiles,
-    as the profile does for LPNet's labels, retrying a round timed while the dense model ran slower than its
-    quiet level (the oracle keeps that level across readings); else a round is dense, candidate, dense timed one
-    after another, with the ratio of medians. The ratio is the median of `repeats` rounds, so one round hit by
-    another process's burst does not count.
-    """
-
-    def __init__(self, latency: DeviceOracle, dense: nn.Module, input_shape: Sequence[int],
-                 describe: Callable[[nn.Module], dict] | None = None, reference_ms: float | None = None,
-                 repeats: int = 5):
-        self.latency = latency
-        self.input_shape = tuple(input_shape)
-        self.describe = describe
-        self.repeats = max(1, int(repeats))
-        self.dense = copy.deepcopy(dense).cpu().eval()
-        # The dense model never changes: exported once, for every reading (a temporary folder removed with the
-        # meter), not once per reading as before.
-        self._dense_folder: tempfile.TemporaryDirectory | None = None
-        self.reference_ms = float(reference_ms if reference_ms is not None
-                                  else latency.reference_ms or self.dense_ms())
-
-    def dense_ms(self) -> float:
-        """The dense model's latency right now."""
-        return measure_model_ms(self.dense, self.input_shape, self.latency, self.describe)
-
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """{'ms': drift-corrected ms, 'raw_ms': the candidate's own median, 'ratio': to the dense model,
-        'slow_retries': readings retried because they fell in a slow spell}."""
-        dense_path = self._dense_path()
-        with tempfile.TemporaryDirectory(prefix="latprune-meter-") as tmp:
-            path = self._export(model, Path(tmp) / "candidate")
-            if self.latency.times_relative:
-                # Medians timed one after the other differ by 5-30% on a loaded 2-core machine where alternated
-                # 10th percentiles differ by 1-4% (latency/timing.py), and a reading in one of the machine's slow
-                # spells can read a configuration 20-30% over its quiet latency; the oracle retries those.
-                return self._relative(path, dense_path, model)
-            ratios, raws = [], []
-            before = self._time(dense_path, self.dense)
-            for _ in range(self.repeats):
-                raw = self._time(path, model)
-                after = self._time(dense_path, self.dense)
-                ratios.append(raw / max(0.5 * (before + after), 1e-12))
-                raws.append(raw)
-                before = after
-        ratio = statistics.median(ratios)
-        return {"ms": ratio * self.reference_ms, "raw_ms": statistics.median(raws), "ratio": ratio,
-                "slow_retries": 0}
-
-    def _relative(self, path: Path, dense_path: Path, model: nn.Module) -> dict[str, float]:
-        readings = [self.latency.measure_relative(str(path), str(dense_path), model=model, reference_model=self.dense)
-                    for _ in range(self.repeats)]
-        ratio = statistics.median(r.ratio for r in readings)
-        return {"ms": ratio * self.reference_ms, "ratio": ratio,
-                "raw_ms": statistics.median(r.raw_ms for r in readings),
-                "slow_retries": sum(r.slow_retries for r in readings)}
-
-    def _dense_path(self) -> Path:
-        if self._dense_folder is None:
-            self._dense_folder = tempfile.TemporaryDirectory(prefix="latprune-meter-dense-")
-        path = Path(self._dense_folder.name) / "model.onnx"
-        return path if path.exists() else self._export(self.dense, Path(self._dense_folder.name))
-
-    def _export(self, model: nn.Module, folder: Path) -> Path:
-        from pruning import zoo
-
-        folder.mkdir(parents=True, exist_ok=True)
-        path = export_onnx(model, folder / "model.onnx", (int(self.latency.batch), *self.input_shape[1:]))
-        if self.describe is not None:
-            zoo.save_arch(self.describe(model), folder / "arch.json")
-        return path
-
-    def _time(self, path: Path, model: nn.Module) -> float:
-        return float(self.latency.measure_ms(str(path), model=model))
-
-    def measure_masks(self, model: nn.Module, graph: ChannelGraph, keep_masks: Sequence[torch.Tensor],
-                      scales: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:
-        """measure() of `model` materialized with `keep_masks`."""
-        return self.measure(materialize(model, graph, keep_masks, scales).eval())
-
-
-def confirmed_measurement(measure: Callable[[], dict[str, float]], expected_ms: float | None,
-                          tolerance: float, extra: int = 2) -> dict[str, Any]:
-    """measure() once; if that is off `expected_ms` (the finisher's own measurement of the same configuration)
-    by more than `tolerance`, `extra` more times, and the median of them all by ms, with every reading listed."""
-    readings = [measure()]
-    # On a shared machine a candidate's timings sometimes read high for seconds on end while the dense runs
-    # around them do not, which the ratio to the dense model cannot cancel (one report read 0.418 ms for a model
-    # the finisher had measured at 0.291 ms and four later measurements at 0.295-0.298 ms): disagreeing with the
-    # finisher calls for more readings.
-    if expected_ms is not None and abs(readings[0]["ms"] / max(expected_ms, 1e-12) - 1.0) > tolerance:
-        readings += [measure() for _ in range(extra)]
-    chosen = sorted(readings, key=lambda r: r["ms"])[(len(readings) - 1) // 2]
-    return {**chosen, "readings_ms": [r["ms"] for r in readings]}
-
-
-def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], fits: Fits,
-               normalize: bool = True, caps: dict[int, int] | None = None) -> tuple[Masks, int]:
-    """Add back the most important removed channels while the cost still fits, no group past its count in
-    `caps`, then each later one that still fits; (masks, channels added)."""
-    masks = [m.clone().bool() for m in keep_masks]
-    values = ranked_values(scores, normalize)
-    removed = sorted(((-float(values[g][c]), g, c) for g, m in enumerate(masks)
-                      for c in torch.nonzero(~m).flatten().tolist()))
-    room = {g: max(0, cap - int(masks[g].sum())) for g, cap in (caps or {}).items()}
-    order = []
-    for _, g, c in removed:
-        if g in room:
-            if room[g] == 0:
-                continue
-            room[g] -= 1
-        order.append((g, c))
-
-    def after(k: int) -> Masks:
-        out = [m.clone() for m in masks]
-        for g, c in order[:k]:
-            out[g][c] = True
-        return out
-
-    if not fits(mask_counts(masks)):
-        return masks, 0
-    k = largest_true(len(order), lambda j: fits(mask_counts(after(j))))
-    grown = after(k)
-    # (ours) A learned predictor can jump at one count (resnet20's LPNet: one channel past 16 in a 64-wide group
-    # added 19%), and a prefix stops at the first channel that does not fit: one job's grow step added nothing
-    # and it ended at 0.87 of its budget. The channels after it are still tried, in order, each kept if it fits.
-    counts = mask_counts(grown)
-    added = k
-    for g, c in order[k + 1:]:
-        counts[g] += 1
-        if fits(counts):
-            grown[g][c] = True
-            added += 1
-        else:
-            counts[g] -= 1
-    return grown, added
-
-
-def round_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], multiple: int, fits: Fits,
-                sizes: Sequence[int]) -> Masks:
-    """Masks with counts rounded to `multiple`: to the nearest multiple if that fits, else down (unchanged if
-    neither fits)."""
-    counts = mask_counts(keep_masks)
-    for mode in ("nearest", "down"):
-        candidate = round_counts(counts, sizes, multiple, mode)
-        if fits(candidate):
-            return masks_from_counts(scores, candidate)
-    return [m.clone().bool() for m in keep_masks]
-
-
-def between_masks(scores: Sequence[torch.Tensor], start: Sequence[torch.Tensor], end: Sequence[torch.Tensor],
-                  share: float, multiple: int = 1) -> Masks:
-    """Masks `share` (0..1) of the way from `start` to `end` in kept counts: channels both keep come first, then
-    those one of them keeps, each by score; with `multiple` 1 the total is the nearest whole count (the groups
-    nearest their next channel get it), else each group is rounded to `multiple` where that stays between."""
-    share = min(max(float(share), 0.0), 1.0)
-    spans = [(int(a.sum()), int(b.sum())) for a, b in zip(start, end, strict=True)]
-    exact = [a + share * (b - a) for a, b in spans]
-    if multiple > 1:
-        counts = []
-        for (a, b), count in zip(spans, exact, strict=True):
-            rounded = multiple * math.floor(count / multiple + 0.5)
-            counts.append(rounded if min(a, b) <= rounded <= max(a, b) else math.floor(count + 0.5))
-    else:
-        # Rounding every group on its own can move all of them at once, or none: a step from 19 kept channels
-        # to 24 went to 21, skipping the 20 that fit.
-        counts = [math.floor(x) for x in exact]
-        extra = math.floor(sum(exact) + 0.5) - sum(counts)
-        for g in sorted(range(len(exact)), key=lambda g: exact[g] - counts[g], reverse=True)[:max(0, extra)]:
-            counts[g] += 1
-    out = []
-    for score, a, b, count in zip(scores, start, end, counts, strict=True):
-        # Rank by membership (kept by both > by one > by neither), ties by score.
-        values = score.detach().float()
-        spread = float(values.max() - values.min()) + 1.0
-        rank = values - values.min() + spread * (a.bool().float() + b.bool().float())
-        mask = torch.zeros(len(score), dtype=torch.bool)
-        mask[torch.topk(rank, max(1, int(count))).indices] = True
-        out.append(mask)
-    return out
-
-
-def capped_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor], caps: dict[int, int]) -> Masks:
-    """Masks with every group in `caps` cut to at most that many kept channels, its best-scored kept ones."""
-    out = []
-    for g, (score, mask) in enumerate(zip(scores, keep_masks, strict=True)):
-        mask = mask.clone().bool()
-        cap = caps.get(g)
-        if cap is not None and int(mask.sum()) > cap:
-            values = torch.where(mask, score.detach().float(), torch.full_like(score.detach().float(), -math.inf))
-            mask = torch.zeros_like(mask)
-            mask[torch.topk(values, max(1, cap)).indices] = True
-        out.append(mask)
-    return out
-
-
-def cliff_caps(states: Sequence[tuple[Masks, float, float]], limit: float, low: float,
-               factor: float = 3.0, max_step: float = 0.1) -> tuple[tuple[Masks, float, float], dict[int, int]] | None:
-    """(start, caps) where the slowest configuration within `limit` reads under `low` and growing it by at most
-    `max_step` of its kept channels into a configuration over `limit` cost more than `factor` times the expected
-    step (the predicted one scaled by the start's measured/predicted ratio, or the start's latency per kept
-    channel, whichever is larger): a latency cliff. caps holds the start's counts of the groups that grew."""
-    feasible = [st for st in states if st[2] <= limit]
-    if not feasible:
-        return None
-    start = max(feasible, key=lambda st: st[2])
-    if start[2] >= low:
-        return None
-    base = mask_counts(start[0])
-    scale = start[2] / max(start[1], 1e-12)
-    caps: dict[int, int] = {}
-    for masks, predicted, measured in states:
-        counts = mask_counts(masks)
-        if measured <= limit or any(c < b for c, b in zip(counts, base, strict=True)):
-            continue
-        if sum(counts) - sum(base) > max_step * sum(base):
-            continue  # a wide step: the bracket's interpolation can still find its inside
-        # Either estimate alone misreads a smooth device: a predictor flat over a range of widths predicts no
-        # step at all, and latency in proportion to the kept channels under-counts convolutions' growth.
-        step_ms = max(max(predicted - start[1], 0.0) * scale, start[2] * (sum(counts) - sum(base)) / max(sum(base), 1))
-        if measured - start[2] > factor * step_ms:
-            caps.update({g: b for g, (c, b) in enumerate(zip(counts, base, strict=True)) if c > b})
-    return (start, caps) if caps else None
-
-
-def _brackets_from_below(states: Sequence[tuple[Masks, float, float]], limit: float, low: float) -> bool:
-    """Whether some measured configuration is over `limit` and the slowest one within it is under `low`."""
-    feasible = [st[2] for st in states if st[2] <= limit]
-    return bool(feasible) and max(feasible) < low and any(st[2] > limit for st in states)
-
-
-def _tried(candidate: Masks, states: Sequence[tuple[Masks, float, float]]) -> bool:
-    return any(mask_counts(candidate) == mask_counts(st[0]) for st in states)
-
-
-def accept_margin(tolerance: float, margin: float | None = None) -> float:
-    """How far over (or under) the target, as a share of it, the finisher accepts a reading: `margin`, at most the
-    tolerance, else half the tolerance."""
-    return tolerance / 2 if margin is None else min(float(margin), tolerance)
+from pruning.meter import (  # noqa: F401 - the measuring, re-exported
+    DeviceMeter,
+    accept_margin,
+    confirmed_measurement,
+    measure_model_ms,
+)
+from pruning.surgery import materialize
 
 
 @dataclass
@@ -319,6 +72,153 @@ class LatencyFit:
                 "within_tolerance": self.within_tolerance, "measurements": self.measurements}
 
 
+class LatencySearch:
+    """The measured-latency finisher as a search over Probes (see fit_measured_latency for what it does): each
+    round measures one new configuration, chosen by one of the steps in pruning.finisher_steps."""
+
+    def __init__(self, budget: BudgetCost, scores: Sequence[torch.Tensor], measure_ms: Callable[[Masks], float],
+                 sizes: Sequence[int], tolerance: float, normalize: bool, round_to: int, grow: bool,
+                 confirm_readings: int, accept_over: float | None, accept_under: float | None):
+        self.budget, self.scores, self.measure_ms, self.sizes = budget, scores, measure_ms, list(sizes)
+        self.tolerance, self.normalize, self.round_to, self.grow = tolerance, normalize, round_to, grow
+        self.confirm_readings = confirm_readings
+        self.target = budget.target
+        self.accept_over = accept_margin(tolerance, accept_over)
+        self.accept_under = accept_margin(tolerance, accept_under)
+        self.limit, self.low = self.target * (1 + self.accept_over), self.target * (1 - self.accept_under)
+        self.probes: list[Probe] = []  # every usable measurement
+        self.caps: dict[int, int] = {}  # groups held at a count because growing them fell off a latency cliff
+        self.smallest = budget.hard([1] * len(self.sizes)) * (1 + 1e-6)
+        self.fit: LatencyFit | None = None
+
+    def predicted(self, masks: Masks) -> float:
+        return self.budget.hard(mask_counts(masks))
+
+    def record(self, masks: Masks, action: str) -> Probe:
+        """Measure `masks` (confirmed where the reading disagrees with what the last probe implies)."""
+        predicted = self.predicted(masks)
+        # A trim that reads slower than the configuration it was cut from is a burst, not the model: one such
+        # reading once cut a model to 0.74 of its budget.
+        last = self.probes[-1] if self.probes else None
+        expected = predicted * last.measured / max(last.predicted, 1e-12) if last else predicted
+        reading = confirmed_measurement(lambda: {"ms": float(self.measure_ms(masks))}, expected, self.tolerance,
+                                        self.confirm_readings)
+        entry = {"action": action, "keep_counts": mask_counts(masks), "predicted_ms": predicted,
+                 "measured_ms": reading["ms"]}
+        if len(reading["readings_ms"]) > 1:
+            entry["readings_ms"] = reading["readings_ms"]
+        self.fit.measurements.append(entry)
+        probe = Probe(masks, predicted, reading["ms"], entry)
+        self.probes.append(probe)
+        return probe
+
+    def settle(self, probe: Probe, in_band_only: bool = True) -> float:
+        """`probe`'s reading, first taken `confirm_readings` more times (median of all) if it was read once and is
+        about to be accepted (inside the band, or at all with in_band_only False)."""
+        ms = probe.measured
+        if self.confirm_readings < 1 or "readings_ms" in probe.entry or (
+                in_band_only and not self.low <= ms <= self.limit):
+            return ms
+        # Accepting the slowest configuration that reads within the limit favours readings that came out high by
+        # chance: one job's choice read 0.95 of its budget once and 0.86-0.88 in all three final readings.
+        readings = [ms] + [float(self.measure_ms(probe.masks)) for _ in range(self.confirm_readings)]
+        probe.measured = statistics.median(readings)
+        probe.entry.update(measured_ms=probe.measured, readings_ms=readings)
+        return probe.measured
+
+    def start(self, keep_masks: Sequence[torch.Tensor]) -> Probe:
+        """The method's configuration measured, and rounded to `round_to` if that measures faster."""
+        masks = [m.clone().bool() for m in keep_masks]
+        self.fit = LatencyFit(masks, self.target, self.tolerance, round_to=self.round_to,
+                              accept_over=self.accept_over, accept_under=self.accept_under)
+        current = self.record(masks, "initial")
+        if self.round_to > 1:
+            rounded = round_masks(self.scores, masks, self.round_to, self.budget.fits, self.sizes)
+            if mask_counts(rounded) != mask_counts(masks):
+                candidate = self.record(rounded, f"round_to_{self.round_to}")
+                if candidate.measured < current.measured:
+                    current, self.fit.rounding_applied = candidate, True
+                    self.probes.pop(0)  # the unrounded start is superseded
+                else:
+                    candidate.entry["rejected"] = True
+                    self.probes.pop()
+        return current
+
+    def fits_below(self, aim: float) -> Fits:
+        return lambda counts: self.budget.hard(counts) <= aim
+
+    def cliff_step(self) -> Probe | None:
+        """Grow the other groups where the slowest configuration under the band grew into one far over it."""
+        cliff = cliff_caps(self.probes, self.limit, self.low) if self.grow and not self.fit.rounding_applied else None
+        if cliff is None or set(cliff[1]) <= set(self.caps):
+            return None
+        # A few channels more read far slower than the predictor's step (onnxruntime's blocked kernels drop out
+        # when a count leaves the block), so no step between the two can land in the band.
+        start, new_caps = cliff
+        held = {**new_caps, **self.caps}  # a group keeps the cap it was first held at
+        aim = max(scaled_aim(start.predicted, max(start.measured, 1e-12), self.target), self.smallest)
+        candidate, added = grow_masks(self.scores, start.masks, self.fits_below(aim), self.normalize, held)
+        if not added or tried(candidate, self.probes):
+            return None  # the bracket's steps below, without new caps
+        self.caps = held
+        self.fit.rounds += 1
+        probe = self.record(candidate, "grow_past_cliff")
+        probe.entry["capped_groups"] = sorted(self.caps)
+        return probe
+
+    def step(self, current: Probe) -> Probe | None:
+        """One round: the next configuration towards the band, measured; None when there is nothing new."""
+        feasible = [p for p in self.probes if p.measured <= self.limit]
+        too_slow = [p for p in self.probes
+                    if p.measured > self.limit and all(p.masks[g].sum() <= c for g, c in self.caps.items())]
+        base, predicted = current.masks, self.predicted(current.masks)
+        aim = scaled_aim(predicted, current.measured, self.target)
+        lo = max(feasible, key=lambda p: p.measured) if feasible else None
+        if feasible and too_slow:
+            secant = secant_aim(lo, min(too_slow, key=lambda p: p.predicted), self.target)
+            if secant is not None:
+                aim, base = secant, lo.masks
+        aim = max(aim, self.smallest)
+        if self.budget.hard(mask_counts(base)) > aim:
+            candidate, _ = trim_masks(self.scores, base, self.fits_below(aim), self.normalize)
+        else:
+            candidate, _ = grow_masks(self.scores, base, self.fits_below(aim), self.normalize, self.caps)
+        if self.fit.rounding_applied:
+            candidate = round_masks(self.scores, candidate, self.round_to, self.fits_below(aim), self.sizes)
+        if tried(candidate, self.probes) and feasible and too_slow:
+            candidate = self.interpolate(lo, min(too_slow, key=lambda p: p.measured))
+        candidate = capped_masks(self.scores, candidate, self.caps)
+        if tried(candidate, self.probes):
+            return None
+        self.fit.rounds += 1
+        return self.record(candidate, "trim" if self.predicted(candidate) < predicted else "grow")
+
+    def interpolate(self, lo: Probe, over_end: Probe) -> Masks:
+        """Where the predictor cannot tell the bracket's inside apart (it is not monotone in every channel): step in
+        channel counts from the bracket's feasible end towards its nearest slow one, to the first new one."""
+        share = (self.target - lo.measured) / max(over_end.measured - lo.measured, 1e-12)
+        multiple = self.round_to if self.fit.rounding_applied else 1
+        # A share under half a channel from the feasible end rounds back onto it (or onto another measured
+        # configuration); move it a channel further towards the slow end at a time until it is new.
+        steps = max(1, sum(abs(int(a.sum()) - int(b.sum())) for a, b in zip(lo.masks, over_end.masks, strict=True)))
+        candidate = lo.masks
+        for extra in range(steps):
+            candidate = capped_masks(self.scores, between_masks(self.scores, lo.masks, over_end.masks,
+                                                                share + extra / steps, multiple), self.caps)
+            if not tried(candidate, self.probes):
+                break
+        return candidate
+
+    def best(self) -> Probe:
+        """The slowest configuration read within the limit (the fastest if none is), confirmed."""
+        while True:
+            feasible = [p for p in self.probes if p.measured <= self.limit]
+            best = max(feasible, key=lambda p: p.measured) if feasible else min(self.probes, key=lambda p: p.measured)
+            before = best.measured
+            if self.settle(best, in_band_only=False) == before:
+                return best  # confirmed (or confirmed before): a changed reading may make another one the best
+
+
 def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
                          measure_ms: Callable[[Masks], float], sizes: Sequence[int], tolerance: float = 0.05,
                          max_rounds: int = 3, normalize: bool = True, round_to: int = 1,
@@ -352,153 +252,39 @@ def fit_measured_latency(budget: BudgetCost, scores: Sequence[torch.Tensor], kee
     the band to one over it cost far more than the predicted step (a latency cliff), the groups that grew are
     held at their count (`capped_groups` in the measurement) and the others grow instead.
     """
-    target = budget.target
-    accept_over = accept_margin(tolerance, accept_over)
-    accept_under = accept_margin(tolerance, accept_under)
-    limit, low = target * (1 + accept_over), target * (1 - accept_under)
-    masks = [m.clone().bool() for m in keep_masks]
-    fit = LatencyFit(masks, target, tolerance, round_to=round_to, accept_over=accept_over, accept_under=accept_under)
-    states: list[tuple[Masks, float, float]] = []  # (masks, predicted, measured) of every usable measurement
-
-    entries: dict[int, dict[str, Any]] = {}  # id(masks) -> its measurement entry
-
-    def record(current: Masks, action: str) -> float:
-        counts = mask_counts(current)
-        predicted = budget.hard(counts)
-        # A trim that reads slower than the configuration it was cut from is a burst, not the model: one such
-        # reading (2.10 ms for a trim of a 1.75 ms resnet56) once cut a model to 1.21 ms against a 1.64 ms budget.
-        expected = predicted * states[-1][2] / max(states[-1][1], 1e-12) if states else predicted
-        reading = confirmed_measurement(lambda: {"ms": float(measure_ms(current))}, expected, tolerance,
-                                        confirm_readings)
-        measured = reading["ms"]
-        entry = {"action": action, "keep_counts": counts, "predicted_ms": predicted, "measured_ms": measured}
-        if len(reading["readings_ms"]) > 1:
-            entry["readings_ms"] = reading["readings_ms"]
-        fit.measurements.append(entry)
-        entries[id(current)] = entry
-        states.append((current, predicted, measured))
-        return measured
-
-    def settle(current: Masks, in_band_only: bool = True) -> float:
-        """`current`'s measurement, first read `confirm_readings` more times (median of all) if it was read once
-        and is about to be accepted (inside the band, or at all with in_band_only False)."""
-        i = next(i for i, st in enumerate(states) if st[0] is current)
-        _, predicted, ms = states[i]
-        entry = entries[id(current)]
-        if confirm_readings < 1 or "readings_ms" in entry or (in_band_only and not low <= ms <= limit):
-            return ms
-        # Accepting the slowest configuration that reads within the limit favours readings that came out high by
-        # chance: one job's choice read 0.95 of its budget once and 0.86-0.88 in all three final readings.
-        readings = [ms] + [float(measure_ms(current)) for _ in range(confirm_readings)]
-        ms = statistics.median(readings)
-        entry.update(measured_ms=ms, readings_ms=readings)
-        states[i] = (current, predicted, ms)
-        return ms
-
-    measured = record(masks, "initial")
-    if round_to > 1:
-        rounded = round_masks(scores, masks, round_to, budget.fits, sizes)
-        if mask_counts(rounded) != mask_counts(masks):
-            rounded_ms = record(rounded, f"round_to_{round_to}")
-            if rounded_ms < measured:
-                masks, measured, fit.rounding_applied = rounded, rounded_ms, True
-                states.pop(0)  # the unrounded start is superseded
-            else:
-                fit.measurements[-1]["rejected"] = True
-                states.pop()
-    smallest = budget.hard([1] * len(sizes)) * (1 + 1e-6)
-
-    caps: dict[int, int] = {}  # groups held at a count because growing them fell off a latency cliff
-
-    def within_caps(st: tuple[Masks, float, float]) -> bool:
-        return all(int(st[0][g].sum()) <= cap for g, cap in caps.items())
-
+    search = LatencySearch(budget, scores, measure_ms, sizes, tolerance, normalize, round_to, grow, confirm_readings,
+                           accept_over, accept_under)
+    current = search.start(keep_masks)
     rounds_left, bracket_left = max_rounds, bracket_rounds
     while True:
         # Settled before the rounds are counted: a last round's reading inside the band that more readings put
-        # over it must still count as over (one job stopped there and restored a configuration 13% under).
-        measured = settle(masks)
-        over, under = measured > limit, measured < low
-        if not (over or (under and grow)):
+        # over it must still count as over.
+        measured = search.settle(current)
+        if not (measured > search.limit or (measured < search.low and grow)):
             break
         if rounds_left > 0:
             rounds_left -= 1
-        elif bracket_left > 0 and _brackets_from_below(states, limit, low):
+        elif bracket_left > 0 and brackets_from_below(search.probes, search.limit, search.low):
             # A CPU whose latency steps between channel counts can leave the last ordinary round's bracket 0.86 /
             # 1.07 of the target; each further step inside it halves the gap, and the band lies in between.
             bracket_left -= 1
         else:
             break
-        cliff = cliff_caps(states, limit, low) if grow and not fit.rounding_applied else None
-        if cliff is not None and not set(cliff[1]) <= set(caps):
-            # A few channels more read far slower than the predictor's step (onnxruntime's blocked kernels
-            # drop out when a count leaves the block: 204 kept channels of a resnet56 measured 0.712 ms, 207
-            # 0.980 ms), so no step between the two can land in the band: grow the other groups instead.
-            start, new_caps = cliff
-            held = {**new_caps, **caps}  # a group keeps the cap it was first held at
-            aim = max(start[1] * target / max(start[2], 1e-12), smallest)
-            candidate, added = grow_masks(scores, start[0], lambda counts, aim=aim: budget.hard(counts) <= aim,
-                                          normalize, held)
-            if added and not _tried(candidate, states):  # else the bracket's steps below, without new caps
-                caps = held
-                fit.rounds += 1
-                masks = candidate
-                measured = record(masks, "grow_past_cliff")
-                fit.measurements[-1]["capped_groups"] = sorted(caps)
-                continue
-        feasible = [st for st in states if st[2] <= limit]
-        too_slow = [st for st in states if st[2] > limit and within_caps(st)]
-        base, predicted = masks, budget.hard(mask_counts(masks))
-        aim = predicted * target / measured
-        if feasible and too_slow:
-            lo = max(feasible, key=lambda st: st[2])
-            hi = min(too_slow, key=lambda st: st[1])
-            if hi[1] > lo[1] and hi[2] > lo[2]:
-                aim = lo[1] + (hi[1] - lo[1]) * (target - lo[2]) / (hi[2] - lo[2])
-                aim = min(max(aim, lo[1]), hi[1] - 1e-9 * hi[1])
-                base = lo[0]
-        aim = max(aim, smallest)
-
-        def fits_aim(counts: list[int], aim: float = aim) -> bool:
-            return budget.hard(counts) <= aim
-
-        if budget.hard(mask_counts(base)) > aim:
-            candidate, _ = trim_masks(scores, base, fits_aim, normalize)
-        else:
-            candidate, _ = grow_masks(scores, base, fits_aim, normalize, caps)
-        if fit.rounding_applied:
-            candidate = round_masks(scores, candidate, round_to, fits_aim, sizes)
-        if _tried(candidate, states) and feasible and too_slow:
-            # The predictor cannot tell the bracket's inside apart (it is not monotone in every channel):
-            # step in channel counts from the bracket's feasible end (lo, above) to its nearest slow one instead.
-            over_end = min(too_slow, key=lambda st: st[2])
-            share = (target - lo[2]) / max(over_end[2] - lo[2], 1e-12)
-            multiple = round_to if fit.rounding_applied else 1
-            # A share under half a channel from the feasible end rounds back onto it (or onto another measured
-            # configuration); move it a channel further towards the slow end at a time until it is new.
-            steps = max(1, sum(abs(int(a.sum()) - int(b.sum())) for a, b in zip(lo[0], over_end[0], strict=True)))
-            for extra in range(steps):
-                candidate = capped_masks(scores, between_masks(scores, lo[0], over_end[0], share + extra / steps,
-                                                               multiple), caps)
-                if not _tried(candidate, states):
-                    break
-        candidate = capped_masks(scores, candidate, caps)
-        if _tried(candidate, states):
+        following = search.cliff_step() or search.step(current)
+        if following is None:
             break  # nothing new to try
-        fit.rounds += 1
-        masks = candidate
-        measured = record(masks, "trim" if budget.hard(mask_counts(masks)) < predicted else "grow")
-    while True:
-        feasible = [st for st in states if st[2] <= limit]
-        best = max(feasible, key=lambda st: st[2]) if feasible else min(states, key=lambda st: st[2])
-        if settle(best[0], in_band_only=False) == best[2]:
-            break  # confirmed (or confirmed before): a changed reading may make another state the best
-    if best[0] is not masks:
-        masks, measured = best[0], best[2]
-        fit.measurements.append({"action": "restore", "keep_counts": mask_counts(masks), "predicted_ms": best[1],
-                                 "measured_ms": best[2]})
-    fit.keep_masks = masks
-    start, end = mask_counts(keep_masks), mask_counts(masks)
+        current = following
+    return finished_fit(search, current, keep_masks)
+
+
+def finished_fit(search: LatencySearch, current: Probe, keep_masks: Sequence[torch.Tensor]) -> LatencyFit:
+    """The search's LatencyFit with its best configuration restored and the channels trimmed/added counted."""
+    fit, best = search.fit, search.best()
+    if best is not current:
+        fit.measurements.append({"action": "restore", "keep_counts": best.counts, "predicted_ms": best.predicted,
+                                 "measured_ms": best.measured})
+    fit.keep_masks = best.masks
+    start, end = mask_counts(keep_masks), best.counts
     fit.channels_trimmed = sum(max(0, a - b) for a, b in zip(start, end, strict=True))
     fit.channels_added = sum(max(0, b - a) for a, b in zip(start, end, strict=True))
     return fit

@@ -10,32 +10,28 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from pruning import zoo
 from pruning.allocation import trim_masks
 from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
-from pruning.data import load_dataset, make_loaders
-from pruning.finisher import (
-    DeviceMeter,
-    LatencyFit,
-    accept_margin,
-    confirmed_measurement,
-    fit_measured_latency,
-    round_masks,
-    trim_finetuned,
-)
+from pruning.data import DatasetSplits, load_dataset, make_loaders
+from pruning.finisher import DeviceMeter, LatencyFit, fit_measured_latency, round_masks
 from pruning.groups import ChannelGraph
 from pruning.methods.api import MethodContext, Selection
 from pruning.oracle import DeviceOracle
-from pruning.registry import get_method, load_check, load_runner
+from pruning.registry import MethodInfo, MethodParams, get_method, load_check, load_runner
+from pruning.report import job_report, latency_section, measured_latency
 from pruning.surgery import export_onnx, materialize
 from pruning.train import Cancelled, evaluate, pick_device, seed_everything, train
+from pruning.verify import final_reading
 
 __all__ = ["Budget", "Cancelled", "PruneRequest", "parse_budget", "run_prune"]
 
@@ -88,179 +84,243 @@ def _stage_progress(progress: Callable[[dict], None] | None, stage: str) -> Call
     return emit
 
 
-def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[dict], None] | None = None,
-              should_cancel: Callable[[], bool] | None = None, checkpoint_dir: str | Path | None = None,
-              latency: DeviceOracle | None = None) -> dict:
-    """Run the job; write model.onnx, model.safetensors, arch.json and report.json to `out_dir`; return the report."""
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt:
-        ckpt.mkdir(parents=True, exist_ok=True)
+@dataclass
+class JobSetup:
+    """What every stage shares: the validated request, its data, the dense model and its channel groups."""
+
+    request: PruneRequest
+    method: MethodInfo
+    params: MethodParams
+    device: torch.device
+    splits: DatasetSplits
+    loaders: tuple[DataLoader, DataLoader, DataLoader]  # train, val, test
+    dense: nn.Module
+    dense_arch: dict
+    graph: ChannelGraph
+    cache: StageCache
+    progress: Callable[[dict], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.splits.in_channels, self.splits.resolution, self.splits.resolution)
+
+    def describe(self, model: nn.Module) -> dict:
+        """arch.json of `model`, a pruned copy of the dense architecture."""
+        arch = self.dense_arch
+        return zoo.describe(model, arch["arch"], arch["num_classes"], arch["in_channels"], arch["resolution"])
+
+    def train(self, model: nn.Module, epochs: int, lr: float, stage: str, resumable: bool = True) -> None:
+        train(model, self.loaders[0], epochs, lr=lr, device=self.device, progress=_stage_progress(self.progress, stage),
+              should_cancel=self.should_cancel, checkpoint_dir=self.cache.folder(stage) if resumable else None,
+              stage=stage, seed=self.request.seed)
+
+
+class StageCache:
+    """The one resume mechanism of a job: each stage's output under `root` (None: nothing is kept), so a re-run of
+    the same job skips the stages it finished and resumes the one it was in (training checkpoints per stage)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path | None:
+        return self.root / name if self.root is not None else None
+
+    def folder(self, stage: str) -> Path | None:
+        """Where a stage keeps its training checkpoints."""
+        return self.path(stage)
+
+    def has(self, *names: str) -> bool:
+        return self.root is not None and all((self.root / n).exists() for n in names)
+
+    def save_model(self, stem: str, model: nn.Module, arch: dict, info: dict | None = None) -> None:
+        if self.root is None:
+            return
+        zoo.save_arch(arch, self.root / f"{stem}.arch.json")
+        zoo.save_weights(model, self.root / f"{stem}.safetensors")
+        if info is not None:
+            _atomic_json(self.root / f"{stem}.info.json", info)
+
+    def load_model(self, stem: str) -> tuple[nn.Module, dict]:
+        model, _ = zoo.load_pruned(self.root / f"{stem}.arch.json", self.root / f"{stem}.safetensors")
+        return model, json.loads((self.root / f"{stem}.info.json").read_text())
+
+
+@dataclass
+class Selected:
+    """The select + finish stage's result: the pruned (not yet fine-tuned) model and what chose it."""
+
+    pruned: nn.Module
+    info: dict  # keep_counts, finisher_channels_removed, method_info, predicted_cost[, latency_fit]
+
+
+@dataclass
+class Verified:
+    """The verify stage's result: the model to deliver, its counts, the final reading and any post-trim."""
+
+    model: nn.Module
+    counts: list[int]
+    final: dict | None = None
+    post_trim: LatencyFit | None = None
+    recovery_epochs: int = 0
+
+
+def prepare(request: PruneRequest, progress: Callable[[dict], None] | None,
+            should_cancel: Callable[[], bool] | None, checkpoint_dir: str | Path | None) -> JobSetup:
+    """Validate the request, load the data, build the dense model and its groups, and let the method refuse the
+    architecture (NotApplicable) before any training."""
     method = get_method(request.method)
     params = method.validate_params(request.params)
     seed_everything(request.seed)
     device = pick_device(request.device)
-
     splits = load_dataset(request.dataset, request.data_root, request.resolution)
-    train_loader, val_loader, test_loader = make_loaders(splits, request.batch_size, request.seed)
-    input_shape = (1, splits.in_channels, splits.resolution, splits.resolution)
-
+    loaders = make_loaders(splits, request.batch_size, request.seed)
     dense = zoo.build_model(request.arch, splits.num_classes, splits.in_channels)
     dense_arch = zoo.describe(dense, request.arch, splits.num_classes, splits.in_channels, splits.resolution)
     # The groups depend on the architecture only: found (and the method's own check made) before any training.
-    graph = ChannelGraph.build(dense.eval(), input_shape)
+    graph = ChannelGraph.build(dense.eval(), (1, splits.in_channels, splits.resolution, splits.resolution))
     check = load_check(request.method)
     if check is not None:
         check(dense, graph, params)
-    dense_ckpt = ckpt / "dense.safetensors" if ckpt else None
-    trains_dense = request.weights_path is None and method.needs_dense
+    return JobSetup(request, method, params, device, splits, loaders, dense, dense_arch, graph,
+                    StageCache(checkpoint_dir), progress, should_cancel)
+
+
+def dense_stage(job: JobSetup) -> tuple[float, int]:
+    """(test accuracy, epochs trained) of the dense model: given weights, cached ones, or trained now (unless the
+    method trains from scratch itself)."""
+    request, cache = job.request, job.cache
+    trains_dense = request.weights_path is None and job.method.needs_dense
     if request.weights_path is not None:
-        zoo.load_weights(dense, request.weights_path, request.max_weights_bytes)
-    elif dense_ckpt is not None and dense_ckpt.exists():
-        zoo.load_weights(dense, dense_ckpt)
+        zoo.load_weights(job.dense, request.weights_path, request.max_weights_bytes)
+    elif cache.has("dense.safetensors"):
+        zoo.load_weights(job.dense, cache.path("dense.safetensors"))
     elif trains_dense:
-        train(dense, train_loader, request.epochs, lr=request.lr, device=device,
-              progress=_stage_progress(progress, "dense"), should_cancel=should_cancel,
-              checkpoint_dir=ckpt / "dense" if ckpt else None, stage="dense", seed=request.seed)
-        if dense_ckpt is not None:
-            zoo.save_weights(dense, dense_ckpt)
-    dense_accuracy = evaluate(dense, test_loader, device)
+        job.train(job.dense, request.epochs, request.lr, "dense")
+        if cache.root is not None:
+            zoo.save_weights(job.dense, cache.path("dense.safetensors"))
+    accuracy = evaluate(job.dense, job.loaders[2], job.device)
+    job.dense.cpu().eval()
+    return accuracy, request.epochs if trains_dense else 0
 
-    dense.cpu().eval()
-    cost_model = CostModel(graph)
-    budget_cost = BudgetCost(request.budget, cost_model, latency)
 
+def select_stage(job: JobSetup, budget_cost: BudgetCost, meter: DeviceMeter | None) -> Selected:
+    """The method's Selection, brought to the budget by the finisher (on the device where it measures), and
+    materialized; cached as pruned.*."""
+    if job.cache.has("pruned.arch.json", "pruned.safetensors", "pruned.info.json"):
+        return Selected(*job.cache.load_model("pruned"))
+    request = job.request
+    ctx = MethodContext(model=job.dense, graph=job.graph, cost_model=budget_cost.cost_model, budget=budget_cost,
+                        params=job.params, train_loader=job.loaders[0], val_loader=job.loaders[1], device=job.device,
+                        epochs=request.epochs, lr=request.finetune_lr, seed=request.seed,
+                        progress=_stage_progress(job.progress, "prune"), should_cancel=job.should_cancel,
+                        checkpoint_dir=job.cache.folder("method"))
+    result = load_runner(request.method)(ctx)
+    if not isinstance(result, Selection):
+        raise TypeError(f"method {request.method!r} returned {type(result).__name__}, not a Selection")
+    result.model.cpu().eval()
+    masks, trimmed, latency_fit = finish_selection(job, result, budget_cost, meter)
+    counts = [int(m.sum()) for m in masks]
+    pruned = materialize(result.model, job.graph, masks, result.scales)
+    method_info = {**result.info, "score_scale": result.score_scale, "finisher_round_to": result.round_to}
+    info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": method_info,
+            "predicted_cost": budget_cost.hard(counts)}
+    if latency_fit is not None:
+        info["latency_fit"] = latency_fit.report()
+    job.cache.save_model("pruned", pruned, job.describe(pruned), info)
+    return Selected(pruned, info)
+
+
+def finish_selection(job: JobSetup, result: Selection, budget_cost: BudgetCost, meter: DeviceMeter | None,
+                     ) -> tuple[list[torch.Tensor], int, LatencyFit | None]:
+    """(masks, channels trimmed, the measured fit or None): the Selection trimmed to the budget's hard cost and
+    rounded, or, on the latency device, fitted to the measured latency."""
+    if meter is not None:
+        # The device is the judge: the measured loop trims (or grows) from the method's own choice, which may
+        # already have been corrected for the predictor's bias on this device.
+        request = job.request
+        fit = fit_measured_latency(budget_cost, result.scores, result.keep_masks, Measurer(result, job.graph, meter),
+                                   job.graph.sizes, request.latency_tolerance, request.latency_rounds,
+                                   result.normalize_scores, result.round_to)
+        return fit.keep_masks, fit.channels_trimmed, fit
+    masks, trimmed = trim_masks(result.scores, result.keep_masks, budget_cost.fits, result.normalize_scores)
+    if result.round_to > 1:
+        masks = round_masks(result.scores, masks, result.round_to, budget_cost.fits, job.graph.sizes)
+    return masks, trimmed, None
+
+
+def verify_stage(job: JobSetup, selected: Selected, budget_cost: BudgetCost, meter: DeviceMeter | None,
+                 finetune_epochs: int) -> Verified:
+    """The fine-tuned model read on the device (where it measures), trimmed if over, and given one recovery
+    epoch after a trim that removed channels."""
+    verified = Verified(selected.pruned, selected.info["keep_counts"])
+    if meter is None:
+        return verified
+    request = job.request
+    final, model, post_trim = final_reading(selected.pruned, selected.info, meter, budget_cost, job.graph,
+                                            job.input_shape, request.latency_tolerance, request.latency_rounds)
+    verified = Verified(model, selected.info["keep_counts"], final, post_trim)
+    if post_trim is not None:
+        verified.counts = [int(m.sum()) for m in post_trim.keep_masks]
+        if post_trim.channels_trimmed > 0 and finetune_epochs > 0:
+            # The trim takes channels out of fine-tuned weights; without training after it a delivered model can
+            # lose most of its accuracy. One epoch at the fine-tune rate recovers most of it; the structure, and so
+            # the final reading, stays as measured.
+            verified.recovery_epochs = 1
+            job.train(model, 1, request.finetune_lr, "recovery", resumable=False)
+    return verified
+
+
+def export_stage(job: JobSetup, model: nn.Module, out_dir: Path) -> dict:
+    """model.onnx, model.safetensors and arch.json in `out_dir`; returns the arch.json."""
+    model.cpu().eval()
+    arch_json = job.describe(model)
+    zoo.save_arch(arch_json, out_dir / "arch.json")
+    zoo.save_weights(model, out_dir / "model.safetensors")
+    export_onnx(model, out_dir / "model.onnx", job.input_shape)
+    return arch_json
+
+
+def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[dict], None] | None = None,
+              should_cancel: Callable[[], bool] | None = None, checkpoint_dir: str | Path | None = None,
+              latency: DeviceOracle | None = None) -> dict:
+    """Run the job's stages (dense, select + finish, fine-tune, verify on device, export); write model.onnx,
+    model.safetensors, arch.json and report.json to `out_dir`; return the report."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = prepare(request, progress, should_cancel, checkpoint_dir)
+    dense_accuracy, dense_epochs = dense_stage(job)
+    budget_cost = BudgetCost(request.budget, CostModel(job.graph), latency)
     meter = None
     if request.budget.kind == "latency_ms" and latency is not None and latency.can_measure:
         # One meter for the whole job, so the final reading knows the machine's quiet speed from the finisher's.
-        meter = DeviceMeter(latency, dense, input_shape, lambda model: _describe(model, dense_arch))
-    pruned_arch_path = ckpt / "pruned.arch.json" if ckpt else None
-    pruned_weights_path = ckpt / "pruned.safetensors" if ckpt else None
-    prune_info_path = ckpt / "pruned.info.json" if ckpt else None
-    if pruned_arch_path is not None and pruned_arch_path.exists() and pruned_weights_path.exists():
-        pruned, _ = zoo.load_pruned(pruned_arch_path, pruned_weights_path)
-        prune_info = json.loads(prune_info_path.read_text())
-    else:
-        ctx = MethodContext(model=dense, graph=graph, cost_model=cost_model, budget=budget_cost, params=params,
-                            train_loader=train_loader, val_loader=val_loader, device=device, epochs=request.epochs,
-                            lr=request.finetune_lr, seed=request.seed, progress=_stage_progress(progress, "prune"),
-                            should_cancel=should_cancel, checkpoint_dir=ckpt / "method" if ckpt else None)
-        result = load_runner(request.method)(ctx)
-        if not isinstance(result, Selection):
-            raise TypeError(f"method {request.method!r} returned {type(result).__name__}, not a Selection")
-        normalize = result.normalize_scores
-        result.model.cpu().eval()
-        round_to = result.round_to
-        latency_fit = None
-        if meter is not None:
-            # The device is the judge: the measured loop trims (or grows) from the method's own choice, which
-            # may already have been corrected for the predictor's bias on this device.
-            latency_fit = fit_measured_latency(
-                budget_cost, result.scores, result.keep_masks, _measurer(result, graph, meter),
-                graph.sizes, request.latency_tolerance, request.latency_rounds, normalize, round_to)
-            masks, trimmed = latency_fit.keep_masks, latency_fit.channels_trimmed
-        else:
-            masks, trimmed = trim_masks(result.scores, result.keep_masks, budget_cost.fits, normalize)
-            if round_to > 1:
-                masks = round_masks(result.scores, masks, round_to, budget_cost.fits, graph.sizes)
-        counts = [int(m.sum()) for m in masks]
-        pruned = materialize(result.model, graph, masks, result.scales)
-        method_info = {**result.info, "score_scale": result.score_scale, "finisher_round_to": round_to}
-        prune_info = {"keep_counts": counts, "finisher_channels_removed": trimmed, "method_info": method_info,
-                      "predicted_cost": budget_cost.hard(counts)}
-        if latency_fit is not None:
-            prune_info["latency_fit"] = latency_fit.report()
-        if ckpt is not None:
-            zoo.save_arch(_describe(pruned, dense_arch), pruned_arch_path)
-            zoo.save_weights(pruned, pruned_weights_path)
-            _atomic_json(prune_info_path, prune_info)
+        meter = DeviceMeter(latency, job.dense, job.input_shape, job.describe)
+    selected = select_stage(job, budget_cost, meter)
     if progress:
-        progress({"stage": "prune", "fraction": STAGE_SPAN["prune"][1], "cost": prune_info["predicted_cost"]})
-
+        progress({"stage": "prune", "fraction": STAGE_SPAN["prune"][1], "cost": selected.info["predicted_cost"]})
     finetune_epochs = request.epochs if request.finetune_epochs is None else request.finetune_epochs
     if finetune_epochs > 0:
-        train(pruned, train_loader, finetune_epochs, lr=request.finetune_lr, device=device,
-              progress=_stage_progress(progress, "finetune"), should_cancel=should_cancel,
-              checkpoint_dir=ckpt / "finetune" if ckpt else None, stage="finetune", seed=request.seed)
-    pruned.cpu().eval()
-    counts = prune_info["keep_counts"]
-    final = post_trim = None
-    if meter is not None:
-        final, pruned, post_trim = _final_reading(pruned, prune_info, meter, budget_cost, graph, input_shape,
-                                                  request)
-        if post_trim is not None:
-            counts = _counts_of(post_trim.keep_masks)
-    recovery_epochs = 0
-    if post_trim is not None and post_trim.channels_trimmed > 0 and finetune_epochs > 0:
-        # The trim takes channels out of fine-tuned weights; without training after it, one slow spell once left a
-        # delivered resnet56 at 10% accuracy. One epoch at the fine-tune rate recovers most of it; the structure,
-        # and so the final reading, stays as measured.
-        recovery_epochs = 1
-        train(pruned, train_loader, recovery_epochs, lr=request.finetune_lr, device=device,
-              progress=_stage_progress(progress, "recovery"), should_cancel=should_cancel, stage="recovery",
-              seed=request.seed)
-    pruned_accuracy = evaluate(pruned, test_loader, device)
-
-    pruned.cpu().eval()
-    arch_json = _describe(pruned, dense_arch)
-    zoo.save_arch(arch_json, out_dir / "arch.json")
-    zoo.save_weights(pruned, out_dir / "model.safetensors")
-    export_onnx(pruned, out_dir / "model.onnx", input_shape)
-    report: dict[str, Any] = {
-        "method": request.method,
-        "params": params.model_dump(),
-        "arch": request.arch,
-        "dataset": request.dataset,
-        "resolution": splits.resolution,
-        "budget": {**asdict(request.budget), "target": budget_cost.target, "unit": budget_cost.unit},
-        "dense": {"macs": cost_model.dense_macs, "params": cost_model.dense_params, "accuracy": dense_accuracy},
-        "pruned": {"macs": int(round(float(cost_model.macs(counts)))), "params": zoo.param_count(pruned),
-                   "accuracy": pruned_accuracy},
-        "keep_counts": counts,
-        "group_sizes": graph.sizes,
-        "widths": zoo.widths(arch_json),
-        "finisher_channels_removed": prune_info["finisher_channels_removed"],
-        "method_info": prune_info["method_info"],
-        "epochs": {"dense": request.epochs if trains_dense else 0, "finetune": finetune_epochs,
-                   "recovery": recovery_epochs},
-        "seed": request.seed,
-        "device": str(device),
-    }
+        job.train(selected.pruned, finetune_epochs, request.finetune_lr, "finetune")
+    selected.pruned.cpu().eval()
+    verified = verify_stage(job, selected, budget_cost, meter, finetune_epochs)
+    pruned_accuracy = evaluate(verified.model, job.loaders[2], job.device)
+    arch_json = export_stage(job, verified.model, out_dir)
+    epochs = {"dense": dense_epochs, "finetune": finetune_epochs, "recovery": verified.recovery_epochs}
+    report = job_report(request, job, selected, verified, budget_cost, dense_accuracy, pruned_accuracy,
+                        zoo.param_count(verified.model), zoo.widths(arch_json), epochs)
     if latency is not None:
+        measured = (None, None)
         # An oracle that cannot measure means this worker is not the device: the device's own queue measures later.
-        measured_dense = measured_pruned = None
         if latency.can_measure:
-            export_onnx(dense, out_dir / "dense.onnx", input_shape)
-            measured_dense = latency.measure_ms(str(out_dir / "dense.onnx"))
-            measured_pruned = latency.measure_ms(str(out_dir / "model.onnx"))
+            export_onnx(job.dense, out_dir / "dense.onnx", job.input_shape)
+            measured = measured_latency(latency, str(out_dir / "dense.onnx"), str(out_dir / "model.onnx"))
             (out_dir / "dense.onnx").unlink()
-        report["latency_ms"] = {
-            "dense": {"predicted": budget_cost.dense() if request.budget.kind == "latency_ms" else None,
-                      "measured": measured_dense},
-            "pruned": {"predicted": budget_cost.hard(counts) if request.budget.kind == "latency_ms" else None,
-                       "measured": measured_pruned},
-        }
-        if final is not None:
-            report["latency_ms"]["pruned"].update(drift_corrected=final["ms"], ratio_to_dense=final["ratio"],
-                                                  readings_ms=final["readings_ms"],
-                                                  slow_retries=final.get("slow_retries", 0))
-            if "earlier_ms" in final:  # decided with the finisher's readings of the same configuration
-                report["latency_ms"]["pruned"]["finisher_readings_ms"] = final["earlier_ms"]
-            if "rechecked_ms" in final:  # the post-fine-tune trim's reading, which found nothing to trim
-                report["latency_ms"]["pruned"]["rechecked_readings_ms"] = final["rechecked_ms"]
-        if "latency_fit" in prune_info:
-            fit = prune_info["latency_fit"]
-            report["latency_ms"].update(target=fit["target_ms"], tolerance=fit["tolerance"],
-                                        accept_over=fit.get("accept_over"), accept_under=fit.get("accept_under"),
-                                        rounds=fit["rounds"],
-                                        channels_trimmed=fit["channels_trimmed"],
-                                        channels_added=fit["channels_added"], round_to=fit["round_to"],
-                                        rounding_applied=fit["rounding_applied"],
-                                        measurements=fit["measurements"])
-        if post_trim is not None:
-            report["latency_ms"]["post_finetune_trim"] = {**post_trim.report(), "recovery_epochs": recovery_epochs}
+        report["latency_ms"] = latency_section(request.budget, budget_cost, verified.counts, measured,
+                                               verified.final, selected.info, verified.post_trim,
+                                               verified.recovery_epochs)
     report["seconds"] = round(time.perf_counter() - started, 2)
     _atomic_json(out_dir / "report.json", report)
     if progress:
@@ -268,81 +328,11 @@ def run_prune(request: PruneRequest, out_dir: str | Path, progress: Callable[[di
     return report
 
 
-def _final_reading(pruned: torch.nn.Module, prune_info: dict, meter: DeviceMeter, budget_cost: BudgetCost,
-                   graph: ChannelGraph, input_shape: tuple[int, ...], request: PruneRequest,
-                   ) -> tuple[dict, torch.nn.Module, LatencyFit | None]:
-    """(reading, model, post-fine-tune trim or None): the fine-tuned model measured on the device, and trimmed
-    where that reading is over the budget by more than the tolerance."""
-    fit_info = prune_info.get("latency_fit", {})
-    counts = prune_info["keep_counts"]
-    # The finisher's measurements of the configuration the fine-tuned model still has.
-    same = [m for m in fit_info.get("measurements", []) if m["keep_counts"] == counts]
-    fit_ms = [m["measured_ms"] for m in same]
-    # A disagreement of more than the finisher's margin under the limit calls for more readings.
-    accept_over = fit_info.get("accept_over")
-    if accept_over is None:  # a checkpoint from before the finisher recorded it
-        accept_over = accept_margin(request.latency_tolerance)
-    final = confirmed_measurement(lambda: meter.measure(pruned), fit_ms[-1] if fit_ms else None, accept_over)
-    limit = budget_cost.target * (1 + request.latency_tolerance)
-    if final["ms"] > limit and fit_ms and fit_ms[-1] <= limit:
-        earlier = [ms for m in same for ms in m.get("readings_ms", [m["measured_ms"]])]
-        final = _pooled_reading(pruned, meter, earlier, final)
-    if final["ms"] <= limit:
-        return final, pruned, None
-    # The finisher's readings and this one are minutes apart; on a shared machine the model can read over the
-    # budget now though it read within it then (one job: accepted at 1.05, final 1.10). What the user gets is
-    # judged by this reading, so the fine-tuned model loses its least important channels until it fits.
-    trimmed = trim_finetuned(pruned, input_shape, [g.root for g in graph.groups], budget_cost, meter,
-                             request.latency_tolerance, request.latency_rounds, accept_over)
-    if trimmed is None:
-        return final, pruned, None
-    model, fit = trimmed
-    if fit.channels_trimmed == 0:
-        # The trim's own reading of the untouched model is the latest, confirmed where it disagreed: a slow spell
-        # once covered all six final readings of an l1 model (1.27 x the budget, the finisher's 0.96) and was over
-        # before the trim read it at 0.96, and the report carried the stale 1.27.
-        return _rechecked_reading(final, fit.measurements[0], meter), pruned, fit
-    final = confirmed_measurement(lambda: meter.measure(model), fit.measured_ms, accept_over)
-    return final, model, fit
+class Measurer:
+    """masks -> drift-corrected ms on the latency device of the Selection's model materialized with them."""
 
+    def __init__(self, result: Selection, graph: ChannelGraph, meter: DeviceMeter):
+        self.result, self.graph, self.meter = result, graph, meter
 
-def _pooled_reading(pruned: torch.nn.Module, meter: DeviceMeter, earlier: list[float], final: dict,
-                    again: int = 3) -> dict:
-    """`final` (over the limit) decided again: `again` more readings, and the median of every reading of this
-    configuration, the finisher's (`earlier`) included."""
-    # Fine-tuning changed the weights, not the structure the finisher measured within the limit, so the two
-    # disagree only by timing noise; the median of all their readings decides whether to trim. A slow spell once
-    # read 1.16-1.39 ms for a configuration the finisher had read at 1.01-1.12 ms against 1.059 ms, and the trim
-    # of the fine-tuned model that followed removed 76 channels (10% accuracy, 0.63 of the budget).
-    readings = [meter.measure(pruned) for _ in range(again)]
-    listed = final["readings_ms"] + [r["ms"] for r in readings]
-    pooled = sorted(earlier + listed)
-    ms = pooled[(len(pooled) - 1) // 2]
-    return {**final, "ms": ms, "ratio": ms / meter.reference_ms, "readings_ms": listed, "earlier_ms": earlier,
-            "slow_retries": final.get("slow_retries", 0) + sum(r.get("slow_retries", 0) for r in readings)}
-
-
-def _rechecked_reading(final: dict, recheck: dict, meter: DeviceMeter) -> dict:
-    """`final` replaced by a later measurement of the same model (`recheck`, a finisher measurement), both
-    readings listed."""
-    ms = recheck["measured_ms"]
-    rechecked = recheck.get("readings_ms", [ms])
-    return {**final, "ms": ms, "ratio": ms / meter.reference_ms, "readings_ms": final["readings_ms"] + rechecked,
-            "rechecked_ms": rechecked}
-
-
-def _counts_of(masks: list[torch.Tensor]) -> list[int]:
-    return [int(m.sum()) for m in masks]
-
-
-def _measurer(result, graph: ChannelGraph, meter: DeviceMeter) -> Callable[[list[torch.Tensor]], float]:
-    """masks -> drift-corrected ms of the materialized model on the latency device."""
-    def measure(masks: list[torch.Tensor]) -> float:
-        return meter.measure_masks(result.model, graph, masks, result.scales)["ms"]
-
-    return measure
-
-
-def _describe(model: torch.nn.Module, dense_arch: dict) -> dict:
-    return zoo.describe(model, dense_arch["arch"], dense_arch["num_classes"], dense_arch["in_channels"],
-                        dense_arch["resolution"])
+    def __call__(self, masks: list[torch.Tensor]) -> float:
+        return self.meter.measure_masks(self.result.model, self.graph, masks, self.result.scales)["ms"]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from pruning.regularizer import Regularizer
+from pruning.train_checkpoint import (  # noqa: F401 - CheckpointError and checkpoint_path are part of this API
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng,
+)
 
-CHECKPOINT_FORMAT = "latprune.train-checkpoint/1"
 DEFAULT_PROGRESS_EVERY_STEPS = 10
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -25,10 +30,6 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 class Cancelled(Exception):
     """Raised by train() when should_cancel() returns True between steps."""
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint that is unreadable or was written by a different run."""
 
 
 class TrainingError(RuntimeError):
@@ -131,11 +132,6 @@ def evaluate_metrics(model: nn.Module, loader: Iterable, device: torch.device | 
     return EvalResult(accuracy=correct / samples, loss=loss_sum / samples, samples=samples)
 
 
-def checkpoint_path(checkpoint_dir: Path | str, stage: str) -> Path:
-    """Where train() keeps the checkpoint of one stage."""
-    return Path(checkpoint_dir) / f"{stage}.ckpt"
-
-
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -169,132 +165,159 @@ def train(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
         raise ValueError(f"checkpoint_every_steps must be >= 1, got {checkpoint_every_steps}")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise TrainingError("the training loader yields no batches (empty training set?)")
-    device = _as_device(device, model)
-    model.to(device)
-    started = time.monotonic()
-    total_steps = epochs * steps_per_epoch
+    hooks = StepHooks(extra_loss, regularizer, on_step, should_cancel, progress, progress_every_steps,
+                      checkpoint_every_steps)
+    run = TrainingRun(model, train_loader, epochs, _as_device(device, model), stage, seed, hooks)
+    run.prepare(params, lr, momentum, weight_decay)
+    run.resume_or_start(checkpoint_dir, resume)
+    return run.execute()
 
-    param_groups = list(params) if params is not None else list(model.parameters())
-    optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    extra_tensors = _tensors_outside(model, optimizer)
-    run_identity = {
-        "stage": stage,
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "seed": seed,
-        "lr": lr,
-    }
 
-    path = checkpoint_path(checkpoint_dir, stage) if checkpoint_dir is not None else None
-    state = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "epoch_losses": []}
-    saved_rng: dict[str, Any] | None = None
-    resumed_from: int | None = None
-    if path is not None and resume and path.exists():
-        state, saved_rng = _load_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity,
-                                            regularizer)
-        resumed_from = state["epoch"] * steps_per_epoch + state["step_in_epoch"]
-    else:
-        torch.manual_seed(seed)
+@dataclass
+class StepHooks:
+    """What a caller adds to the loop: loss terms, per-step callbacks, cancellation, progress and checkpoints."""
 
-    def save() -> None:
-        if path is not None:
-            _save_checkpoint(path, model, optimizer, scheduler, extra_tensors, run_identity, state, regularizer)
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    regularizer: Regularizer | None = None
+    on_step: Callable[[nn.Module, int], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    progress: ProgressCallback | None = None
+    progress_every_steps: int = DEFAULT_PROGRESS_EVERY_STEPS
+    checkpoint_every_steps: int | None = None
 
-    def emit(epoch_number: int, step: int, loss: float | None) -> None:
-        if progress is not None:
-            progress(
-                {
-                    "stage": stage,
-                    "epoch": epoch_number,
-                    "epochs": epochs,
-                    "step": step,
-                    "steps": total_steps,
-                    "loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "fraction": step / total_steps if total_steps else 1.0,
-                }
-            )
 
-    global_step = state["epoch"] * steps_per_epoch + state["step_in_epoch"]
-    emit(min(state["epoch"] + 1, epochs), global_step, None)
-    was_training = model.training
-    model.train()
-    try:
-        while state["epoch"] < epochs:
-            epoch = state["epoch"]
-            _seed_order(train_loader, seed, epoch)
-            skip = state["step_in_epoch"]
-            if saved_rng is not None and skip == 0:
-                _set_rng(saved_rng)
-                saved_rng = None
-            batches = None
-            interval_loss, interval_steps = 0.0, 0
-            while state["step_in_epoch"] < steps_per_epoch:
-                if should_cancel is not None and should_cancel():
-                    save()
-                    raise Cancelled(
-                        f"{stage} cancelled at epoch {epoch + 1}/{epochs}, step {global_step}/{total_steps}"
-                    )
-                if batches is None:
-                    batches = iter(train_loader)
-                    for _ in range(skip):
-                        next(batches)
-                    if saved_rng is not None:
-                        # Skipped batches may have drawn random augmentations; the saved state is the truth.
-                        _set_rng(saved_rng)
-                        saved_rng = None
-                try:
-                    inputs, targets = next(batches)
-                except StopIteration:
-                    break  # a loader shorter than its len(): end the epoch early rather than fail
-                terms = _loss_terms(extra_loss, regularizer, global_step)
-                loss = _step(model, optimizer, inputs, targets, device, terms)
-                if loss is None:
-                    raise TrainingError(
-                        f"{stage}: the loss became non-finite at epoch {epoch + 1}, step {global_step + 1}; "
-                        "lower the learning rate"
-                    )
-                scheduler.step()
-                global_step += 1
-                state["step_in_epoch"] += 1
-                state["loss_sum"] += loss
-                interval_loss += loss
-                interval_steps += 1
-                if regularizer is not None:
-                    regularizer.after_step(model, global_step)
-                if on_step is not None:
-                    on_step(model, global_step)
-                if interval_steps >= progress_every_steps:
-                    emit(epoch + 1, global_step, interval_loss / interval_steps)
-                    interval_loss, interval_steps = 0.0, 0
-                if (
-                    checkpoint_every_steps is not None
-                    and global_step % checkpoint_every_steps == 0
-                    and state["step_in_epoch"] < steps_per_epoch
-                ):
-                    save()
-            state["epoch_losses"].append(state["loss_sum"] / max(state["step_in_epoch"], 1))
-            emit(epoch + 1, global_step, state["epoch_losses"][-1])
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            state["loss_sum"] = 0.0
-            save()
-        if saved_rng is not None:  # resumed from a finished run: leave the RNG where that run left it
-            _set_rng(saved_rng)
-    finally:
-        model.train(was_training)
-    return TrainResult(
-        epochs=epochs,
-        steps=global_step,
-        epoch_losses=list(state["epoch_losses"]),
-        resumed_from_step=resumed_from,
-        seconds=time.monotonic() - started,
-        device=str(device),
-    )
+class TrainingRun:
+    """One train() call: the optimizer and schedule, the position in the run (`state`), its checkpoint, and the
+    epoch loop that resumes exactly where a cancelled run stopped."""
+
+    def __init__(self, model: nn.Module, loader: DataLoader, epochs: int, device: torch.device, stage: str,
+                 seed: int, hooks: StepHooks):
+        self.model, self.loader, self.epochs, self.device = model, loader, epochs, device
+        self.stage, self.seed, self.hooks = stage, seed, hooks
+        self.steps_per_epoch = len(loader)
+        self.total_steps = epochs * self.steps_per_epoch
+        self.started = time.monotonic()
+        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "epoch_losses": []}
+        self.saved_rng: dict[str, Any] | None = None
+        self.resumed_from: int | None = None
+        self.path: Path | None = None
+        self.global_step = 0
+        model.to(device)
+
+    def prepare(self, params: Iterable[Any] | None, lr: float, momentum: float, weight_decay: float) -> None:
+        groups = list(params) if params is not None else list(self.model.parameters())
+        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(self.total_steps, 1))
+        self.extra_tensors = _tensors_outside(self.model, self.optimizer)
+        self.identity = {"stage": self.stage, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                         "seed": self.seed, "lr": lr}
+
+    def resume_or_start(self, checkpoint_dir: Path | str | None, resume: bool) -> None:
+        self.path = checkpoint_path(checkpoint_dir, self.stage) if checkpoint_dir is not None else None
+        if self.path is not None and resume and self.path.exists():
+            self.state, self.saved_rng = load_checkpoint(self.path, self.model, self.optimizer, self.scheduler,
+                                                          self.extra_tensors, self.identity, self.hooks.regularizer)
+            self.resumed_from = self.state["epoch"] * self.steps_per_epoch + self.state["step_in_epoch"]
+        else:
+            torch.manual_seed(self.seed)
+        self.global_step = self.state["epoch"] * self.steps_per_epoch + self.state["step_in_epoch"]
+
+    def save(self) -> None:
+        if self.path is not None:
+            save_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.extra_tensors,
+                             self.identity, self.state, self.hooks.regularizer)
+
+    def emit(self, epoch_number: int, loss: float | None) -> None:
+        if self.hooks.progress is not None:
+            total = self.total_steps
+            self.hooks.progress({"stage": self.stage, "epoch": epoch_number, "epochs": self.epochs,
+                                 "step": self.global_step, "steps": total, "loss": loss,
+                                 "lr": self.optimizer.param_groups[0]["lr"],
+                                 "fraction": self.global_step / total if total else 1.0})
+
+    def execute(self) -> TrainResult:
+        state = self.state
+        self.emit(min(state["epoch"] + 1, self.epochs), None)
+        was_training = self.model.training
+        self.model.train()
+        try:
+            while state["epoch"] < self.epochs:
+                self.run_epoch(state["epoch"])
+                state["epoch_losses"].append(state["loss_sum"] / max(state["step_in_epoch"], 1))
+                self.emit(state["epoch"] + 1, state["epoch_losses"][-1])
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                state["loss_sum"] = 0.0
+                self.save()
+            if self.saved_rng is not None:  # resumed from a finished run: leave the RNG where that run left it
+                set_rng(self.saved_rng)
+        finally:
+            self.model.train(was_training)
+        return TrainResult(epochs=self.epochs, steps=self.global_step, epoch_losses=list(state["epoch_losses"]),
+                           resumed_from_step=self.resumed_from, seconds=time.monotonic() - self.started,
+                           device=str(self.device))
+
+    def run_epoch(self, epoch: int) -> None:
+        """The rest of epoch `epoch`: its batches after the ones a resumed run already trained on."""
+        state = self.state
+        _seed_order(self.loader, self.seed, epoch)
+        skip = state["step_in_epoch"]
+        if self.saved_rng is not None and skip == 0:
+            set_rng(self.saved_rng)
+            self.saved_rng = None
+        batches = None
+        interval = [0.0, 0]  # loss sum and steps since the last progress event
+        while state["step_in_epoch"] < self.steps_per_epoch:
+            self.check_cancelled(epoch)
+            if batches is None:
+                batches = self.batches_after(skip)
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
+                break  # a loader shorter than its len(): end the epoch early rather than fail
+            self.train_step(epoch, inputs, targets, interval)
+
+    def check_cancelled(self, epoch: int) -> None:
+        if self.hooks.should_cancel is not None and self.hooks.should_cancel():
+            self.save()
+            raise Cancelled(f"{self.stage} cancelled at epoch {epoch + 1}/{self.epochs}, "
+                            f"step {self.global_step}/{self.total_steps}")
+
+    def batches_after(self, skip: int) -> Iterator[Any]:
+        batches = iter(self.loader)
+        for _ in range(skip):
+            next(batches)
+        if self.saved_rng is not None:
+            # Skipped batches may have drawn random augmentations; the saved state is the truth.
+            set_rng(self.saved_rng)
+            self.saved_rng = None
+        return batches
+
+    def train_step(self, epoch: int, inputs: Any, targets: Any, interval: list) -> None:
+        hooks, state = self.hooks, self.state
+        terms = _loss_terms(hooks.extra_loss, hooks.regularizer, self.global_step)
+        loss = _step(self.model, self.optimizer, inputs, targets, self.device, terms)
+        if loss is None:
+            raise TrainingError(f"{self.stage}: the loss became non-finite at epoch {epoch + 1}, step "
+                                f"{self.global_step + 1}; lower the learning rate")
+        self.scheduler.step()
+        self.global_step += 1
+        state["step_in_epoch"] += 1
+        state["loss_sum"] += loss
+        interval[0] += loss
+        interval[1] += 1
+        if hooks.regularizer is not None:
+            hooks.regularizer.after_step(self.model, self.global_step)
+        if hooks.on_step is not None:
+            hooks.on_step(self.model, self.global_step)
+        if interval[1] >= hooks.progress_every_steps:
+            self.emit(epoch + 1, interval[0] / interval[1])
+            interval[0], interval[1] = 0.0, 0
+        every = hooks.checkpoint_every_steps
+        if every is not None and self.global_step % every == 0 and state["step_in_epoch"] < self.steps_per_epoch:
+            self.save()
 
 
 def _loss_terms(extra_loss: Callable[[nn.Module], torch.Tensor] | None, regularizer: Regularizer | None,
@@ -362,92 +385,3 @@ def _tensors_outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     """Optimised tensors that are not model parameters (e.g. a method's own gates), which checkpoints must carry."""
     inside = {id(p) for p in model.parameters()}
     return [p for group in optimizer.param_groups for p in group["params"] if id(p) not in inside]
-
-
-def _get_rng() -> dict[str, Any]:
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["cpu"])
-    cuda_states = rng.get("cuda")
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    extra_tensors: list[torch.Tensor],
-    run_identity: dict[str, Any],
-    state: dict[str, Any],
-    regularizer: Regularizer | None = None,
-) -> None:
-    payload = {
-        "regularizer": regularizer.state_dict() if regularizer is not None else None,
-        "format": CHECKPOINT_FORMAT,
-        "run": dict(run_identity),
-        "state": {**state, "epoch_losses": list(state["epoch_losses"])},
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra_tensors": [t.detach().cpu() for t in extra_tensors],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _get_rng(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    extra_tensors: list[torch.Tensor],
-    run_identity: dict[str, Any],
-    regularizer: Regularizer | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({error}); delete it to start over") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a latprune training checkpoint; delete it to start over")
-    if payload["run"] != run_identity:
-        raise CheckpointError(
-            f"checkpoint {path} belongs to a different run ({payload['run']} vs {run_identity}); "
-            "delete it or pass resume=False"
-        )
-    model_state = model.state_dict()
-    saved_state = payload["model"]
-    shapes_differ = set(saved_state) != set(model_state) or any(
-        saved_state[k].shape != model_state[k].shape for k in model_state
-    )
-    if shapes_differ or len(payload["extra_tensors"]) != len(extra_tensors):
-        raise CheckpointError(f"checkpoint {path} was written for a different model; delete it to start over")
-    model.load_state_dict(saved_state)
-    with torch.no_grad():
-        for tensor, saved in zip(extra_tensors, payload["extra_tensors"], strict=True):
-            tensor.copy_(saved)
-    if regularizer is not None:
-        if payload.get("regularizer") is None:
-            raise CheckpointError(f"checkpoint {path} holds no regularizer state; delete it to start over")
-        regularizer.load_state_dict(payload["regularizer"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    state = dict(payload["state"])
-    state["epoch_losses"] = list(state["epoch_losses"])
-    return state, payload["rng"]

@@ -339,18 +339,18 @@ def test_device_meter_times_candidates_interleaved_with_the_dense_model_where_th
 
 
 def test_device_meter_exports_the_dense_model_once_for_all_its_readings(monkeypatch):
-    from pruning import finisher
+    from pruning import meter as meter_module
 
     model, graph, cost = tiny_setup()
-    meter = finisher.DeviceMeter(RelativeLatency(cost), model, graph.input_shape)
+    meter = meter_module.DeviceMeter(RelativeLatency(cost), model, graph.input_shape)
     exported = []
-    real_export = finisher.export_onnx
+    real_export = meter_module.export_onnx
 
     def counting_export(net, path, input_shape):  # noqa: ANN001, ANN202
         exported.append(net)
         return real_export(net, path, input_shape)
 
-    monkeypatch.setattr(finisher, "export_onnx", counting_export)
+    monkeypatch.setattr(meter_module, "export_onnx", counting_export)
     half = [torch.arange(g.size) < max(1, g.size // 2) for g in graph.groups]
     readings = [meter.measure_masks(model, graph, half)["ratio"] for _ in range(3)]
     assert len(exported) == 4 and sum(net is meter.dense for net in exported) == 1
@@ -444,3 +444,15 @@ def test_measured_latency_finisher_grows_a_configuration_that_reads_just_inside_
     # With the tolerance as the band's lower edge (as before), the start is kept as it reads.
     loose = fit_measured_latency(budget, scores, start, measure, graph.sizes, tolerance=0.05, accept_under=0.05)
     assert loose.rounds == 0 and loose.channels_added == 0 and loose.measured_ms == measure(start)
+
+
+def test_the_search_aims_by_scaling_alone_and_by_the_secant_of_a_bracket():
+    from pruning.finisher_steps import Probe, scaled_aim, secant_aim, tried
+
+    assert scaled_aim(predicted=2.0, measured=4.0, target=3.0) == pytest.approx(1.5)
+    masks = [torch.tensor([True, False])]
+    lo, hi = Probe(masks, predicted=1.0, measured=0.8), Probe([torch.tensor([True, True])], 2.0, 1.6)
+    # The line through (1.0, 0.8) and (2.0, 1.6) meets a target of 1.2 at a predicted 1.5.
+    assert secant_aim(lo, hi, target=1.2) == pytest.approx(1.5)
+    assert secant_aim(lo, Probe(masks, 0.5, 1.6), target=1.2) is None  # no bracket: predicted order reversed
+    assert tried([torch.tensor([False, True])], [lo]) and not tried([torch.tensor([True, True])], [lo])
