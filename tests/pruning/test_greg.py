@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from pruning import zoo
+from pruning.allocation import masks_from_counts
 from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
-from pruning.allocation import masks_from_counts
 from pruning.groups import ChannelGraph
 from pruning.importance import L1Importance
 from pruning.methods import greg
@@ -241,7 +241,7 @@ def test_removal_right_after_regularization_keeps_a_trained_resnet20s_accuracy()
 
 
 def test_pipeline_prunes_resnet20_to_a_flops_budget(tmp_path):
-    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="greg",
+    request = PruneRequest(arch="resnet20", dataset="synthetic:10x8", method="greg",
                            budget=Budget("flops", 0.5), epochs=1, finetune_epochs=0, resolution=8, params=FAST)
     report = run_prune(request, tmp_path)
     assert report["pruned"]["macs"] <= 0.5 * report["dense"]["macs"]
@@ -250,9 +250,9 @@ def test_pipeline_prunes_resnet20_to_a_flops_budget(tmp_path):
 
 
 def test_pipeline_meets_a_latency_budget_measured_on_the_device(tmp_path):
-    latency = PipelineLatency("resnet20", 8, 1, bias=1.3)
+    latency = PipelineLatency("resnet20", 8, 3, bias=1.3)
     target = 0.5 * float(latency.cost_model.dense_macs) / 1e6
-    request = PruneRequest(arch="resnet20", dataset="builtin:digits", method="greg",
+    request = PruneRequest(arch="resnet20", dataset="synthetic:10x8", method="greg",
                            budget=Budget("latency_ms", target, "fake"), epochs=1, finetune_epochs=0,
                            resolution=8, params=FAST)
     report = run_prune(request, tmp_path, latency=latency)
