@@ -24,7 +24,7 @@ from pruning.methods.greg_params import GRegParams
 from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import get_method
 from pruning.train import Cancelled, train
-from tests.pruning.test_wgates import PipelineLatency, random_loader, tiny_setup
+from tests.pruning.test_wgates import PipelineLatency, random_loader, resnet20_setup, tiny_setup
 
 # The machine is shared: one thread per test process keeps tiny convolutions from fighting over the cores.
 torch.set_num_threads(1)
@@ -115,6 +115,23 @@ def test_penalty_gradient_is_lambda_times_every_coupled_parameter_of_the_chosen_
     assert float(conv.weight.grad[~chosen].abs().max()) == 0 and float(bn.weight.grad[~chosen].abs().max()) == 0
     # Consumers' input slices are not penalized: the classifier gets no gradient from the penalty.
     assert model[8].weight.grad is None
+
+
+def test_penalty_reaches_every_producer_of_a_residual_stream():
+    ctx = greg_context(setup=resnet20_setup)
+    reg = regularizer_for(ctx)
+    reg.grow_updates_done = 2
+    stream = max(range(len(reg.layers)), key=lambda g: len(reg.layers[g]))
+    layers = reg.layers[stream]
+    assert sum(isinstance(ctx.model.get_submodule(n), nn.Conv2d) for n in layers) >= 3  # the stem and the blocks
+    reg.pruned[stream] = torch.arange(len(reg.pruned[stream])) % 2 == 0  # the budget may have kept it whole
+    ctx.model.zero_grad()
+    reg.penalty(ctx.model, 0).backward()
+    chosen = reg.pruned[stream]
+    for name in layers:
+        weight = ctx.model.get_submodule(name).weight
+        assert torch.allclose(weight.grad[chosen], weight[chosen].detach())
+        assert float(weight.grad[~chosen].abs().max()) == 0
 
 
 def test_chosen_filters_collapse_a_hundredfold_while_kept_ones_stay():
