@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -212,19 +212,22 @@ def shrink_factors(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]
             for b, a in zip(bs[ms], as_[ms], strict=True)]
 
 
+def planned_schedule(ctx: MethodContext) -> tuple[GrowthSchedule, int]:
+    """(schedule, epochs): the params' schedule fitted to the job's epochs, or the epochs the schedule needs."""
+    schedule = GrowthSchedule.from_params(ctx.params)
+    steps_per_epoch = len(ctx.train_loader)
+    if ctx.params.fit_to_epochs:
+        return schedule.fitted(ctx.epochs * steps_per_epoch), ctx.epochs
+    return schedule, math.ceil(schedule.total_steps / steps_per_epoch)
+
+
 def run(ctx: MethodContext) -> Selection:
     """Choose by L1, grow the penalty on the chosen channels (after a uniform phase for greg2), return them."""
     p = ctx.params
     model = copy.deepcopy(ctx.model).to(ctx.device)
     allocator = L1Allocator(ctx.graph, ctx.budget.fits, p.round_to, p.allocation)
     _, first_keep = allocator.select(model)
-    available = ctx.epochs * len(ctx.train_loader)
-    schedule = GrowthSchedule.from_params(p)
-    epochs = ctx.epochs
-    if p.fit_to_epochs:
-        schedule = schedule.fitted(available)
-    else:
-        epochs = math.ceil(schedule.total_steps / len(ctx.train_loader))
+    schedule, epochs = planned_schedule(ctx)
     regularizer = GrowingRegularizer(coupled_layers(model, ctx.graph), schedule, allocator,
                                      [~m for m in first_keep])
     norms_before = producer_norms(model, ctx.graph)
@@ -236,8 +239,6 @@ def run(ctx: MethodContext) -> Selection:
     keep = [~m for m in regularizer.pruned]
     model.eval()
     norms_after = producer_norms(model, ctx.graph)
-    accuracy_before = evaluate(model, ctx.val_loader, ctx.device)
-    accuracy_after = evaluate(materialize(model, ctx.graph, keep), ctx.val_loader, ctx.device)
     removed_shrink = shrink_factors(norms_before, norms_after, regularizer.pruned)
     kept_shrink = shrink_factors(norms_before, norms_after, keep)
     info = {
@@ -249,17 +250,14 @@ def run(ctx: MethodContext) -> Selection:
         "reselection_overlap": overlap(first_keep, keep),
         "phase": regularizer.phase,
         "final_lambda": regularizer.pruned_lambda(),
-        "schedule": {"interval_steps": schedule.interval_steps, "delta_lambda": schedule.delta_lambda,
-                     "tau": schedule.tau, "stabilize_steps": schedule.stabilize_steps,
-                     "pick_delta_lambda": schedule.pick_delta_lambda, "pick_ceiling": schedule.pick_ceiling,
-                     "total_steps": schedule.total_steps},
+        "schedule": {**asdict(schedule), "total_steps": schedule.total_steps},
         "steps": result.steps,
         "epochs": epochs,
         "removed_min_shrink": min(removed_shrink, default=None),
         "kept_median_shrink": float(torch.tensor(kept_shrink).median()) if kept_shrink else None,
         "accuracy_dense": accuracy_dense,
-        "accuracy_before_removal": accuracy_before,
-        "accuracy_after_removal": accuracy_after,
+        "accuracy_before_removal": evaluate(model, ctx.val_loader, ctx.device),
+        "accuracy_after_removal": evaluate(materialize(model, ctx.graph, keep), ctx.val_loader, ctx.device),
     }
     # L1 of the regularized weights: the removed channels sit near zero, so the finisher trims the weakest kept
     # channels first and grows back the least shrunk removed ones; per layer, as L1 compares within a group.

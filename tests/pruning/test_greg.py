@@ -172,7 +172,10 @@ def test_greg2_chooses_again_by_l1_after_the_uniform_phase():
 
 def test_greg2_run_reports_the_reselection():
     ctx = greg_context(epochs=5, variant="greg2", pick_ceiling=0.1, pick_delta_lambda=0.05)
+    events = []
+    ctx.progress = events.append
     info = greg.run(ctx).info
+    assert {e["phase"] for e in events} >= {"pick", "done"} and events[-1]["lambda"] == 5.0
     assert info["schedule"]["total_steps"] == 17 <= info["steps"]  # the paper's schedule fits: not shrunk
     assert info["reselected_at_step"] == 2 and info["reselection_overlap"] is not None
     assert info["final_lambda"] == 5.0
