@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from service.auth import hash_key
 from service.db import session_scope
-from service.models import ApiKey, Artifact, Device, Job, Subnet
+from service.models import ApiKey, Artifact, Device, Job, Predictor, Subnet
 from service.storage import ArtifactStore
 from tests.service.browser import Browser, LiveStack, live_stack, need_browser, start_browser
 
@@ -70,6 +70,20 @@ def seed_cohort(stack: LiveStack, tenant: str) -> tuple[int, dict[int, str]]:
                            size_bytes=stored.size_bytes))
             hashes[member] = stored.sha256
         return job.id, hashes
+
+
+def seed_predictor(stack: LiveStack, device_name: str) -> int:
+    """A ready predictor on the tenant's device with held-out metrics and points, as the profile task stores them."""
+    held = {"predicted_ms": [1.0, 2.1, 2.9, 4.2], "measured_ms": [1.1, 2.0, 3.0, 4.0], "resolution": [16] * 4}
+    metrics = {"test": {"absolute_ms": {"n": 4, "mape": 4.6, "within_5": 0.75, "within_10": 1.0, "spearman": 1.0}},
+               "held_out": held}
+    with session_scope(stack.database_url) as s:
+        device = s.scalar(select(Device).where(Device.name == device_name))
+        predictor = Predictor(device_id=device.id, arch="resnet20", resolution=16, samples_requested=20,
+                              state="ready", metrics=metrics, reference_ms=4.1)
+        s.add(predictor)
+        s.flush()
+        return predictor.id
 
 
 def fill_form(b: Browser, values: dict[str, str]) -> None:
@@ -168,6 +182,26 @@ def test_cohort_plot_hover_and_download(stack, browser):
     path = b.downloaded(result.get_attribute("data-name"))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == hashes[1]
     assert b.find("[data-plot]:not([data-plot=macs]) circle.pt.selected[data-key='1']")
+
+
+def test_devices_page_registers_and_plots_held_out_points(stack, browser):
+    b = browser
+    b.sign_in(stack.keys["alice"])
+    b.go("#/devices")
+    fill_form(b, {"name": "edge-box", "threads": "2", "resolutions": "16, 32", "latency_budget_ms": "1.5"})
+    b.find("#register-device button[type=submit]").click()
+    card = b.find("[data-device='edge-box']")
+    assert "2 thread(s)" in card.text and "resolutions 16, 32" in card.text and "1.50 ms" in card.text
+    fill_form(b, {"name": "edge-box"})
+    b.find("#register-device button[type=submit]").click()
+    assert "already exists" in b.text("#register-device .error")
+    predictor = seed_predictor(stack, "edge-box")
+    b.go("#/jobs")
+    b.go("#/devices")
+    row = b.find(f"[data-device='edge-box'] tr[data-predictor='{predictor}']")
+    assert "MAPE 4.60%" in row.text and "ready" in row.text
+    assert len(b.all("[data-device='edge-box'] svg.plot circle.pt")) == 4
+    assert b.first("[data-device='edge-box'] svg.plot line.diag")
 
 
 def test_another_tenant_sees_none_of_it(stack, browser):
