@@ -29,8 +29,14 @@ def test_page_and_assets_come_from_the_api(env):
         assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", asset.text), path
         imports = re.findall(r"from '\./([a-z]+\.js)'", asset.text)
         assert all((ASSETS / "js" / name).exists() for name in imports), (path, imports)
+    again = env.client.get("/console/js/app.js", headers={"If-None-Match": asset_etag(env, "/console/js/app.js")})
+    assert again.status_code == 304 and not again.content
     assert env.client.get("/console/../service/app.py").status_code == 404
     assert env.client.get("/console/js/nope.js").status_code == 404
+
+
+def asset_etag(env, path: str) -> str:  # noqa: ANN001
+    return env.client.get(path).headers["etag"]
 
 
 def test_openapi_declares_the_bearer_scheme(env):
