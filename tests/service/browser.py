@@ -100,14 +100,22 @@ class Browser:
                   f"the download {name}")
         return path
 
+    @staticmethod
+    def screenshot_folder() -> str | None:
+        return os.environ.get("LATPRUNE_SCREENSHOTS")
+
     def screenshot(self, name: str, css: str | None = None) -> None:
         """Save a PNG to $LATPRUNE_SCREENSHOTS (the README's pictures are made this way); nothing otherwise."""
-        folder = os.environ.get("LATPRUNE_SCREENSHOTS")
+        folder = self.screenshot_folder()
         if not folder:
             return
         Path(folder).mkdir(parents=True, exist_ok=True)
         path = str(Path(folder) / name)
-        self.find(css).screenshot(path) if css else self.driver.save_screenshot(path)
+        if css:
+            self.find(css).screenshot(path)
+            return
+        self.driver.execute_script("window.scrollTo(0, 0)")
+        self.driver.save_screenshot(path)
 
 
 def start_browser(base: str, downloads: Path) -> Browser:
