@@ -159,6 +159,19 @@ def test_submit_watch_download(stack, browser):
     assert "succeeded" in row.text and "l1" in row.text
 
 
+def test_cancel_from_the_job_page(stack, browser):
+    b = browser
+    b.sign_in(stack.keys["alice"])
+    b.go("#/submit")
+    fill_form(b, {"method": "l1", "arch": "resnet20", "dataset": "synthetic:4x16", "budget.value": "0.5",
+                  "epochs": "50", "batch_size": "8"})
+    b.find("#submit").click()
+    b.find("#cancel").click()
+    b.wait(lambda: b.driver.execute_script("return document.querySelector('.row .state')?.dataset.state")
+           == "cancelled", 60, "the job to be cancelled")
+    assert not b.first("#cancel")
+
+
 def test_cohort_plot_hover_and_download(stack, browser):
     b = browser
     job_id, hashes = seed_cohort(stack, "alice")

@@ -136,9 +136,14 @@ export function jobView(view, id) {
     if (stopped.signal.aborted || mine !== generation) return;
     job = fresh;
     paintLive();
-    const cancel = TERMINAL.includes(job.state) ? null : h('button', { class: 'danger', id: 'cancel', onclick: async () => {
-      try { job = await api(`/v1/jobs/${id}/cancel`, { method: 'POST' }); paintLive(); } catch (e) { sections.prepend(errorBox(e)); }
-    } }, job.cancel_requested ? 'cancelling…' : 'Cancel');
+    const cancel = TERMINAL.includes(job.state) ? null : h('button', {
+      class: 'danger', id: 'cancel', disabled: job.cancel_requested, onclick: async () => {
+        try {
+          await api(`/v1/jobs/${id}/cancel`, { method: 'POST' });
+          await load();  // queued: cancelled now; running: 'cancelling…' until the worker's state event
+        } catch (e) { sections.prepend(errorBox(e)); }
+      },
+    }, job.cancel_requested ? 'cancelling…' : 'Cancel');
     mount(sections, h('div', { class: 'card' }, summary(job), cancel ? h('p', {}, cancel) : null),
       job.error ? h('div', { class: 'error', id: 'job-error' }, job.error) : null, report(job));
     if (job.state !== 'succeeded') return;
