@@ -428,12 +428,15 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--part", choices=["api", "console"], action="append",
                         help="api: the sections above; console: the console's pages with 200 jobs (default: both)")
-    parser.add_argument("--console-users", type=int, action="append", help="console: concurrent users (1, 8)")
+    parser.add_argument("--console-watchers", type=int, action="append",
+                        help="console: other users with the jobs list open (repeatable; default 0 and 20)")
     parser.add_argument("--console-loads", type=int, default=40, help="console: loads of each page per run")
     args = parser.parse_args()
     args.open_rate = args.open_rate or [100.0]
     if "console" in (args.part or ["api", "console"]):
-        console_section(args)
+        import console  # bench/ is first on sys.path when run as a script
+
+        console.main(args)
     if "api" not in (args.part or ["api", "console"]):
         return
 
@@ -452,20 +455,6 @@ def main() -> None:
         from docsection import write_section  # bench/ is first on sys.path when run as a script
 
         write_section(SECTION, text)
-
-
-def console_section(args: argparse.Namespace) -> None:
-    """The "Console" section: bench/console.py on each stack."""
-    import console  # bench/ is first on sys.path when run as a script
-
-    results = {stack: console.run(stack, args.console_users or [1, 8], args.console_loads)
-               for stack in args.stack or ["embedded", "production"]}
-    text = console.section(results)
-    print(text)
-    if not args.no_write:
-        from docsection import write_section
-
-        write_section(console.SECTION, text)
 
 
 if __name__ == "__main__":
