@@ -62,7 +62,9 @@ def seed(database: str, key: str) -> dict:
     held = {"predicted_ms": [0.1 * k for k in range(1, 41)], "measured_ms": [0.1 * k + 0.01 for k in range(1, 41)]}
     with session_scope(database) as s:
         tenant = s.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))
-        devices = [Device(tenant_id=tenant, name=f"dev{d}", spec={"name": f"dev{d}"}, queue=f"profile.dev{d}")
+        spec = {"runtime": "onnxruntime", "provider": "cpu", "threads": 1, "batch": 1, "resolutions": [32],
+                "precision": "fp32", "channel_multiple": 1}
+        devices = [Device(tenant_id=tenant, name=f"dev{d}", spec={**spec, "name": f"dev{d}"}, queue=f"profile.dev{d}")
                    for d in range(DEVICES)]
         s.add_all(devices)
         s.flush()

@@ -68,8 +68,9 @@ function deviceCard(device, predictors, refresh) {
   const cpu = device.fingerprint ? (device.fingerprint.cpu_model || device.fingerprint.cpu || '') : 'not profiled yet';
   return h('div', { class: 'card', 'data-device': device.name },
     h('h2', {}, `${device.name} `, h('span', { class: 'muted small' }, `#${device.id} · queue ${device.queue}`)),
-    h('p', { class: 'small' }, `${s.runtime} / ${s.provider} · ${s.threads} thread(s) · batch ${s.batch} · `,
-      `${s.precision} · resolutions ${(s.resolutions || []).join(', ') || '–'} · channel multiple ${s.channel_multiple}`,
+    h('p', { class: 'small' }, `${s.runtime ?? '–'} / ${s.provider ?? '–'} · ${s.threads ?? '–'} thread(s) · `,
+      `batch ${s.batch ?? '–'} · ${s.precision ?? '–'} · resolutions ${(s.resolutions || []).join(', ') || '–'} · `,
+      `channel multiple ${s.channel_multiple ?? 1}`,
       ` · budget ${fmt.ms(device.latency_budget_ms)} · ${cpu}`),
     h('h3', {}, 'Predictors'), predictorsTable(predictors), h('h3', {}, 'Profile'), profileForm(device, refresh));
 }
