@@ -122,6 +122,8 @@ def start_browser(base: str, downloads: Path) -> Browser:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # Both paths are given, so Selenium Manager has nothing to find; offline, it could not download a browser anyway.
+    os.environ.setdefault("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",

@@ -40,6 +40,10 @@ export function jobsView(view) {
 
   async function refresh() {
     clearTimeout(timer);
+    if (document.hidden) {  // a background tab costs the API nothing; it catches up when shown again
+      timer = setTimeout(refresh, REFRESH_MS);
+      return;
+    }
     const query = new URLSearchParams({ limit: PAGE, offset });
     if (state) query.set('state', state);
     try {
