@@ -114,8 +114,13 @@ class Browser:
         if css:
             self.find(css).screenshot(path)
             return
+        # The whole page (up to 1600 px), not the window's first screen.
+        size = self.driver.get_window_size()
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(size["width"], min(int(height) + 140, 1600))
         self.driver.execute_script("window.scrollTo(0, 0)")
         self.driver.save_screenshot(path)
+        self.driver.set_window_size(size["width"], size["height"])
 
 
 def start_browser(base: str, downloads: Path) -> Browser:

@@ -116,8 +116,8 @@ async function downloads(job) {
     h('h2', {}, 'Downloads'), subnets.length > 1 || job.method === 'ofa'
       ? h('p', {}, h('a', { href: `#/jobs/${job.id}/cohort`, id: 'cohort-link' }, 'Cohort plot')) : null,
     h('h3', {}, 'Per member'), members, h('h3', {}, 'Per device'),
-    h('div', { class: 'small' }, fastest, h('label', { for: 'fastest', class: 'small' },
-      ' when no member fits: send the fastest (over_budget=fastest)')), perDevice, result);
+    devices.length ? h('div', { class: 'small' }, fastest, h('label', { for: 'fastest', class: 'inline' },
+      ' when no member fits: send the fastest (over_budget=fastest)')) : null, perDevice, result);
 }
 
 export function jobView(view, id) {
