@@ -87,6 +87,25 @@ def seed_predictor(stack: LiveStack, device_name: str) -> int:
         return predictor.id
 
 
+def seed_latency_job(stack: LiveStack, tenant: str) -> int:
+    """A finished latency-budget job whose report has what the finisher records (as pipeline.run_prune writes it)."""
+    report = {"dense": {"macs": 40_550_000, "params": 272_474, "accuracy": 0.9777},
+              "pruned": {"macs": 1_370_000, "params": 7_800, "accuracy": 0.7658}, "finisher_channels_removed": 3,
+              "epochs": {"dense": 5, "finetune": 5, "recovery": 1},
+              "latency_ms": {"dense": {"predicted": 0.655, "measured": 0.635},
+                             "pruned": {"predicted": 0.331, "measured": 0.36, "drift_corrected": 0.323,
+                                        "ratio_to_dense": 0.487, "readings_ms": [0.321, 0.323, 0.326],
+                                        "finisher_readings_ms": [0.318, 0.33], "slow_retries": 1}}}
+    with session_scope(stack.database_url) as s:
+        tenant_id = s.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(stack.keys[tenant])))
+        job = Job(tenant_id=tenant_id, state="succeeded", method="l1", arch="resnet20", dataset="builtin:digits",
+                  budget_kind="flops", budget_value=0.5, epochs=5, params={}, request={}, request_hash="seed",
+                  progress=1.0, report=report)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
 def fill_form(b: Browser, values: dict[str, str]) -> None:
     from selenium.webdriver.support.ui import Select
 
@@ -170,6 +189,18 @@ def test_cancel_from_the_job_page(stack, browser):
     b.wait(lambda: b.driver.execute_script("return document.querySelector('.row .state')?.dataset.state")
            == "cancelled", 60, "the job to be cancelled")
     assert not b.first("#cancel")
+
+
+def test_latency_report(stack, browser):
+    b = browser
+    job_id = seed_latency_job(stack, "alice")
+    b.sign_in(stack.keys["alice"])
+    b.go(f"#/jobs/{job_id}")
+    pruned = b.find("#report [data-row=pruned]").text.split()
+    assert pruned[:8] == ["pruned", "1.37", "M", "7.8", "k", "76.58%", "0.331", "ms"]
+    assert pruned[8:] == ["0.323", "ms"]  # the drift-corrected reading the job was judged by
+    readings = b.text("#readings")
+    assert "0.3210, 0.3230, 0.3260" in readings and "0.3180, 0.3300" in readings and "retries 1" in readings
 
 
 def test_cohort_plot_hover_and_download(stack, browser):

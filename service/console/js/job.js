@@ -47,14 +47,18 @@ function report(job) {
     const lat = r.latency_ms || {};
     const ms = (side) => (lat[side] || {});
     const measured = (side) => ms(side).drift_corrected ?? ms(side).measured;
-    parts.push(table([
+    const columns = [
       { title: 'model', cell: (row) => row.name },
       { title: 'MACs', num: true, cell: (row) => fmt.count(row.macs) },
       { title: 'params', num: true, cell: (row) => fmt.count(row.params) },
       { title: 'accuracy', num: true, cell: (row) => fmt.pct(row.accuracy) },
-      { title: 'predicted', num: true, cell: (row) => fmt.ms(ms(row.name).predicted) },
-      { title: 'measured', num: true, cell: (row) => fmt.ms(measured(row.name)) },
-    ], [{ name: 'dense', ...r.dense }, { name: 'pruned', ...r.pruned }], { rowAttrs: (row) => ({ 'data-row': row.name }) }));
+    ];
+    if (r.latency_ms) {  // only jobs that had a device's predictor: a flops budget without one has no latency
+      columns.push({ title: 'predicted ms', num: true, cell: (row) => fmt.ms(ms(row.name).predicted) },
+                   { title: 'measured ms', num: true, cell: (row) => fmt.ms(measured(row.name)) });
+    }
+    parts.push(table(columns, [{ name: 'dense', ...r.dense }, { name: 'pruned', ...r.pruned }],
+                     { rowAttrs: (row) => ({ 'data-row': row.name }) }));
     parts.push(h('p', { class: 'small muted' }, `MACs kept: ${fmt.pct(r.pruned.macs / r.dense.macs)}; `,
       `finisher removed ${r.finisher_channels_removed ?? 0} channels; epochs ${JSON.stringify(r.epochs || {})}`));
     parts.push(readings(lat));
