@@ -426,8 +426,19 @@ def main() -> None:
     parser.add_argument("--read-clients", type=int, default=32)
     parser.add_argument("--read-seconds", type=float, default=10.0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--part", choices=["api", "console"], action="append",
+                        help="api: the sections above; console: the console's pages with 200 jobs (default: both)")
+    parser.add_argument("--console-watchers", type=int, action="append",
+                        help="console: other users with the jobs list open (repeatable; default 0 and 20)")
+    parser.add_argument("--console-loads", type=int, default=40, help="console: loads of each page per run")
     args = parser.parse_args()
     args.open_rate = args.open_rate or [100.0]
+    if "console" in (args.part or ["api", "console"]):
+        import console  # bench/ is first on sys.path when run as a script
+
+        console.main(args)
+    if "api" not in (args.part or ["api", "console"]):
+        return
 
     results = [run_stack(stack, workers, args) for stack in args.stack or ["embedded", "production"]
                for workers in args.api_workers or [1 if stack == "embedded" else 2]]

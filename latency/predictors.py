@@ -104,6 +104,15 @@ def split_by_keys(data: LatencyData, test_keys: Sequence[str]) -> tuple[LatencyD
             data.subset([i for i, k in enumerate(data.keys) if k in held]))
 
 
+def held_out_points(relative: np.ndarray, data: LatencyData, reference_ms: Sequence[float]) -> dict:
+    """Predicted and measured ms of every held-out configuration (4 significant digits): what a predicted-vs-
+    measured plot of the predictor needs, kept because the metrics alone do not show where it errs."""
+    ref = np.asarray(reference_ms)[data.res_index.numpy()]
+    return {"predicted_ms": [float(f"{v:.4g}") for v in np.asarray(relative) * ref],
+            "measured_ms": [float(f"{v:.4g}") for v in np.asarray(data.latency_ms)],
+            "resolution": [int(data.resolutions[i]) for i in data.res_index.tolist()]}
+
+
 def fit_predictor(home: LatencyHome, device: str, arch: str, resolutions: Sequence[int] | None = None,
                   target: Target = "log_ratio", test_share: float = 0.2, seed: int = 0,
                   config: FitConfig | None = None) -> tuple[Path, PredictorMeta]:
@@ -118,7 +127,9 @@ def fit_predictor(home: LatencyHome, device: str, arch: str, resolutions: Sequen
     started = time.perf_counter()
     net, info = fit_on(features, train, target, config or FitConfig(seed=seed))
     info.update(fit_seconds=time.perf_counter() - started, samples_other_environments=dropped)
-    scores = both_spaces(lpnet_relative(net, test), test, net.reference_ms.tolist())
+    relative = lpnet_relative(net, test)
+    scores = both_spaces(relative, test, net.reference_ms.tolist())
+    info["held_out"] = held_out_points(relative, test, net.reference_ms.tolist())
     meta = PredictorMeta(
         arch=arch, device=spec, fingerprint=samples[0].fingerprint, resolutions=data.resolutions,
         group_sizes=[int(s) for s in features.group_sizes.tolist()], n_layers=int(features.a_out.shape[0]),

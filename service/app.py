@@ -18,7 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
-from service import routes_cohort, routes_devices, routes_jobs, routes_models, routes_results
+from service import (
+    routes_cohort,
+    routes_console,
+    routes_devices,
+    routes_jobs,
+    routes_member,
+    routes_models,
+    routes_results,
+)
 from service.auth import KeyCache, Principal
 from service.db import session_factory
 from service.deps import AppState, Dispatcher, KeyDep, get_admin_key
@@ -142,7 +150,8 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
 
     app = FastAPI(title="latprune", version="0.1.0", lifespan=lifespan,
                   description="Latency-constrained, hardware-aware pruning of CNNs. Every endpoint but /healthz "
-                              "needs `Authorization: Bearer <api key>`; other tenants' ids answer 404.")
+                              "needs `Authorization: Bearer <api key>`; other tenants' ids answer 404. The web console "
+                              "is at /.")
     app.state.latprune = state
 
     registry = CollectorRegistry()
@@ -176,6 +185,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
         """Pruning methods: name, description and the JSON schema of their params."""
         return list_methods()
 
-    for module in (routes_devices, routes_models, routes_jobs, routes_results, routes_cohort):
+    for module in (routes_devices, routes_models, routes_jobs, routes_results, routes_member, routes_cohort):
         app.include_router(module.router)
+    routes_console.mount(app)
     return app

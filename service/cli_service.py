@@ -364,7 +364,7 @@ def up(
         if port:
             settings.port = port
         url, key, procs = start_stack(settings)
-        console.print(f"latprune API on {url} (docs: {url}/docs); state in {settings.home}")
+        console.print(f"latprune API on {url} (docs: {url}/docs, console: {url}/); state in {settings.home}")
         if key:
             console.print(f"admin API key (shown once; also saved for the CLI in "
                           f"{settings.home / 'client.json'}):\n{key}", highlight=False, soft_wrap=True)
@@ -482,6 +482,9 @@ def demo(
             job = client.submit({"method": method, "arch": DEMO_ARCH, "dataset": dataset, "epochs": epochs,
                                  "resolution": resolution,
                                  "budget": {"kind": "latency_ms", "value": budget_ms, "device_id": device["id"]}})
+            base = str(client.http.base_url).rstrip("/")
+            console.print(f"follow it in the console: {base}/#/jobs/{job['id']} (sign in with the key in "
+                          f"{settings.home / 'client.json'})", highlight=False)
             job = _follow(client, job["id"])
             if job["state"] != "succeeded":
                 fail(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""), 1)

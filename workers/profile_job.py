@@ -77,7 +77,8 @@ def _store_predictor(settings: Settings, sessions, store: ArtifactStore, predict
         predictor.reference_ms = float(meta.reference_ms[0])
         predictor.metrics = {"test": meta.metrics, "repeatability": result.repeatability,
                              "training_samples": meta.training_samples, "profiled": result.total_samples,
-                             "noisy": result.noisy, "profile_seconds": round(result.elapsed_s, 2)}
+                             "noisy": result.noisy, "profile_seconds": round(result.elapsed_s, 2),
+                             "held_out": meta.fit_info.get("held_out")}
         session.get(Device, device.id).fingerprint = result.fingerprint.model_dump()
         _store_samples(session, predictor, samples)
         jobs = waiting_jobs(session, device.id, arch)

@@ -27,6 +27,9 @@ def test_one_predictor_covers_several_resolutions(tmp_path):
     assert home.profiled_resolutions("cpu1", "resnet20") == [12, 16]
     stem, meta = fit_predictor(home, "cpu1", "resnet20", config=SMALL)
     assert meta.resolutions == [12, 16] and stem.name == "resnet20_r12-16"
+    held = meta.fit_info["held_out"]  # what the console's predicted-vs-measured plot shows
+    assert len(held["predicted_ms"]) == len(held["measured_ms"]) == len(meta.test_keys) > 0
+    assert set(held["resolution"]) <= {12, 16} and min(held["measured_ms"]) > 0
     net, _ = load_predictor(stem)
     ratios = torch.full((len(meta.group_sizes),), 0.7)
     assert float(net.predict_ms(ratios, 12)) > 0 and float(net.predict_ms(ratios, 16)) > 0

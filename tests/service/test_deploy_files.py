@@ -88,3 +88,6 @@ def test_wheel_ships_the_migrations(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"migrations/env.py", "migrations/script.py.mako", "migrations/versions/0001_initial_schema.py",
             "service/app.py", "workers/tasks.py"} <= names
+    # The console is served from the installed package (the Docker image does not install in place).
+    assert {"service/console/index.html", "service/console/console.css", "service/console/js/app.js"} <= names
+    assert {f"service/console/js/{p.name}" for p in (ROOT / "service" / "console" / "js").glob("*.js")} <= names

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from service.client import Client, load_client_config
 from tests.workers.conftest import ROOT, wait_for
 
@@ -81,6 +83,9 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
         text = out.read_text()
         saved = load_client_config(tmp_path)
         assert saved["url"] == f"http://127.0.0.1:{port}" and saved["api_key"] in text.replace("\n", "")
+        assert f"console: http://127.0.0.1:{port}/" in text
+        page = httpx.get(f"{saved['url']}/")  # the console, from the running stack, with nothing else installed
+        assert page.status_code == 200 and "/console/js/app.js" in page.text
         client = Client(saved["url"], saved["api_key"])
         device = client.create_device(name="here")
         predictor = client.profile(device["id"], "resnet20", 16, 12)

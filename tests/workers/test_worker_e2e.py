@@ -85,6 +85,8 @@ def test_profile_then_latency_budget_job(redis_stack, tmp_path):
     c, h = redis_stack.client, redis_stack.headers
     device, fitted = redis_stack.profiled_device("e2e", timeout_s=120)
     assert fitted["reference_ms"] > 0 and "test" in fitted["metrics"]
+    held = fitted["metrics"]["held_out"]  # the console's predicted-vs-measured plot
+    assert len(held["predicted_ms"]) == len(held["measured_ms"]) == fitted["metrics"]["test"]["absolute_ms"]["n"] > 0
     assert c.get(f"/v1/devices/{device['id']}", headers=h).json()["fingerprint"]["threads"] == 1
 
     # Above the dense model's measured latency: reachable whatever the noise of this shared machine; the job still
