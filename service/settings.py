@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="a job whose worker dies this many times fails")
     progress_interval_s: float = Field(0.5, ge=0, description="least time between two stored progress events")
     cancel_check_interval_s: float = Field(1.0, ge=0, description="least time between two cancel-flag reads")
-    latency_tolerance: float = Field(0.10, ge=0, le=1, description="a subnet fits a latency budget up to "
-                                     "this fraction over it (measurement noise)")
+    latency_tolerance: float = Field(0.05, ge=0, le=1, description="how far over a latency budget a result may "
+                                     "measure (timing noise): the finisher's band for a job, and the fit of a "
+                                     "subnet to a device's budget at download")
     auto_profile_samples: int = Field(200, ge=10, description="configurations profiled when a latency job "
                                       "finds no predictor for its device")
     prune_queue: str = "prune"

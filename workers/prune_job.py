@@ -177,7 +177,7 @@ def _prune_request(settings: Settings, store: ArtifactStore, started: Started): 
         finetune_epochs=r.get("finetune_epochs"), params=r.get("params") or {},
         weights_path=store.resolve(started.weights_path) if started.weights_path else None,
         resolution=r.get("resolution"), seed=int(r.get("seed") or 0), data_root=settings.data_root,
-        max_weights_bytes=settings.max_upload_bytes, **optional)
+        max_weights_bytes=settings.max_upload_bytes, latency_tolerance=settings.latency_tolerance, **optional)
 
 
 def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactStore, started: Started,

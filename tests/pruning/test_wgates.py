@@ -455,7 +455,7 @@ def test_wgates_lowers_the_residual_streams_first_to_0_9_of_the_budget_unless_to
     if lowering is None:  # the defaults: the inner floors keep their 25%, the streams give way to 0.9 x the budget
         assert info["floor_min_keep"] == 0.25 and 0.25 < info["floor_residual_min_keep"] < 1
         assert 0.8 * 0.2 * cost.dense_macs < cost.macs(info["floors"]) <= 0.9 * 0.2 * cost.dense_macs
-    else:  # the defaults before session 18: both shares fall by one factor, to the whole budget
+    else:  # the defaults before 9a04480: both shares fall by one factor, to the whole budget
         assert info["floor_min_keep"] < 0.25
         assert info["floor_residual_min_keep"] == pytest.approx(4 * info["floor_min_keep"])
         assert 0.9 * 0.2 * cost.dense_macs < cost.macs(info["floors"]) <= 0.2 * cost.dense_macs

@@ -161,3 +161,10 @@ def test_cancel_flag_reads_at_most_once_per_interval(settings):
 
 def test_work_dir_is_per_job():
     assert job_work_dir(7) == "work/jobs/7" != job_work_dir(8)
+
+
+def test_one_latency_tolerance_for_the_finisher_and_the_download(tmp_path):
+    from pruning.pipeline import PruneRequest
+    from service.settings import Settings
+
+    assert Settings(home=tmp_path).latency_tolerance == PruneRequest.latency_tolerance == 0.05
