@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from latency.device import DeviceSpec
-from latency.lpnet import LPNet, PredictorMeta
+from latency.lpnet import LPNet
+from latency.lpnet_io import PredictorMeta
 from latency.timing import (
     Measurement,
     OnnxRuntimeRunner,

@@ -18,18 +18,8 @@ from latency.evaluation import (
     lpnet_relative,
     split_keys,
 )
-from latency.lpnet import (
-    FitConfig,
-    LPNet,
-    PredictorError,
-    PredictorMeta,
-    Target,
-    WidthFeatures,
-    fit_lpnet,
-    library_versions,
-    load_predictor,
-    save_predictor,
-)
+from latency.lpnet import FitConfig, LPNet, PredictorError, Target, WidthFeatures, fit_lpnet
+from latency.lpnet_io import PredictorMeta, library_versions, load_predictor, save_predictor
 from latency.profiler import repeatability
 from latency.samples import LatencySample
 from latency.store import LatencyHome

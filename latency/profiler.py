@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -174,60 +175,94 @@ def profile(spec: DeviceSpec, target: ProfileTarget, store: SampleStore, n_sampl
         raise ValueError(f"repeat share must be in [0, 1], got {repeat_share}")
     check_runnable(spec)
     started = time.perf_counter()
-    fingerprint = current_fingerprint(spec)
-    configs = sample_configs(target.group_sizes, n_samples, seed)
-    todo = [(config_key(c.keep_counts, target.resolution), c) for c in configs]
-
-    def stored() -> list[LatencySample]:
-        return [s for s in store.load() if s.fingerprint == fingerprint and target.matches(s)]
-
-    existing = stored()
-    done = {s.key for s in existing if not s.repeat}
-    repeated = {s.key for s in existing if s.repeat}
-    pending = [(k, c) for k, c in todo if k not in done]
-    n_repeats = math.ceil(repeat_share * len(configs)) if repeat_share > 0 else 0
-    order = np.random.default_rng([seed, 7919]).permutation(len(todo))
-    repeat_candidates = [todo[i] for i in order if todo[i][0] not in repeated]
-    repeat_todo = repeat_candidates[:max(0, n_repeats - len(repeated & {k for k, _ in todo}))]
-    result = ProfileResult(skipped=len(todo) - len(pending), total_samples=len(todo), fingerprint=fingerprint)
-    total, count = len(pending) + len(repeat_todo), 0
-    if progress:
-        progress(0, total, "measure")
+    todo_plan = ProfilePlan.make(target, store, current_fingerprint(spec), n_samples, seed, repeat_share)
+    result = ProfileResult(skipped=len(todo_plan.todo) - len(todo_plan.pending), total_samples=len(todo_plan.todo),
+                           fingerprint=todo_plan.fingerprint)
     with tempfile.TemporaryDirectory(prefix="latprune-profile-") as tmp, torch_threads(spec.threads):
-        workdir = Path(tmp)
-        reference = make_runner(spec, target, target.group_sizes, workdir, "reference")
-        quiet = QuietReference()
-
-        def run_one(key: str, config, phase: str) -> None:
-            nonlocal count
-            if should_cancel is not None and should_cancel():
-                raise ProfileCancelled(f"profile cancelled after {count} of {total} measurements")
-            run = make_runner(spec, target, config.keep_counts, workdir, "sample")
-            m = measure(run, plan, clock, reference=reference, quiet=quiet, sleep=sleep)
-            del run
-            store.append(_sample(key, config.kind, target, config.keep_counts, m, fingerprint, phase == "repeat"))
-            count += 1
-            if progress:
-                progress(count, total, phase)
-
-        for key, config in pending:
-            run_one(key, config, "measure")
+        runs = ProfileMeasurer(spec, target, store, todo_plan.fingerprint, Path(tmp), plan, clock, sleep, progress,
+                               should_cancel, len(todo_plan.pending) + len(todo_plan.repeat_todo))
+        for key, config in todo_plan.pending:
+            runs.run_one(key, config, "measure")
             result.measured += 1
         if noisy_retries > 0:
-            measured = stored()
-            best = best_measurements(measured)
-            tries = Counter(s.key for s in measured if not s.repeat)
-            retry = [(k, c) for k, c in todo if k in best and best[k].noisy and tries[k] <= noisy_retries]
-            total += len(retry)
+            retry = todo_plan.noisy(noisy_retries)
+            runs.total += len(retry)
             for key, config in retry:
-                run_one(key, config, "retry")
+                runs.run_one(key, config, "retry")
                 result.retried += 1
-        for key, config in repeat_todo:
-            run_one(key, config, "repeat")
+        for key, config in todo_plan.repeat_todo:
+            runs.run_one(key, config, "repeat")
             result.repeats += 1
-    final = stored()
-    keys = {k for k, _ in todo}
+    final = todo_plan.stored()
+    keys = {k for k, _ in todo_plan.todo}
     result.noisy = sum(1 for k, s in best_measurements(final).items() if k in keys and s.noisy)
     result.repeatability = repeatability(final)
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+@dataclass
+class ProfilePlan:
+    """Which configurations a profile run measures: the sampled ones not stored yet, then a share again."""
+
+    target: ProfileTarget
+    store: SampleStore
+    fingerprint: EnvironmentFingerprint
+    todo: list[tuple[str, Any]]
+    pending: list[tuple[str, Any]]
+    repeat_todo: list[tuple[str, Any]]
+
+    @classmethod
+    def make(cls, target: ProfileTarget, store: SampleStore, fingerprint: EnvironmentFingerprint, n_samples: int,
+             seed: int, repeat_share: float) -> ProfilePlan:
+        configs = sample_configs(target.group_sizes, n_samples, seed)
+        todo = [(config_key(c.keep_counts, target.resolution), c) for c in configs]
+        plan = cls(target, store, fingerprint, todo, [], [])
+        existing = plan.stored()
+        done = {s.key for s in existing if not s.repeat}
+        repeated = {s.key for s in existing if s.repeat}
+        plan.pending = [(k, c) for k, c in todo if k not in done]
+        n_repeats = math.ceil(repeat_share * len(configs)) if repeat_share > 0 else 0
+        order = np.random.default_rng([seed, 7919]).permutation(len(todo))
+        candidates = [todo[i] for i in order if todo[i][0] not in repeated]
+        plan.repeat_todo = candidates[:max(0, n_repeats - len(repeated & {k for k, _ in todo}))]
+        return plan
+
+    def stored(self) -> list[LatencySample]:
+        return [s for s in self.store.load() if s.fingerprint == self.fingerprint and self.target.matches(s)]
+
+    def noisy(self, retries: int) -> list[tuple[str, Any]]:
+        """Configurations whose best measurement is still noisy and that were measured at most `retries` times."""
+        measured = self.stored()
+        best = best_measurements(measured)
+        tries = Counter(s.key for s in measured if not s.repeat)
+        return [(k, c) for k, c in self.todo if k in best and best[k].noisy and tries[k] <= retries]
+
+
+class ProfileMeasurer:
+    """Times configurations against the dense reference (one quiet level for the run) and stores each sample."""
+
+    def __init__(self, spec: DeviceSpec, target: ProfileTarget, store: SampleStore,
+                 fingerprint: EnvironmentFingerprint, workdir: Path, plan: TimingPlan | None, clock: Clock,
+                 sleep: Callable[[float], None], progress: Progress | None,
+                 should_cancel: Callable[[], bool] | None, total: int):
+        self.spec, self.target, self.store, self.fingerprint, self.workdir = spec, target, store, fingerprint, workdir
+        self.plan, self.clock, self.sleep = plan, clock, sleep
+        self.progress, self.should_cancel = progress, should_cancel
+        self.total, self.count = total, 0
+        self.reference = make_runner(spec, target, target.group_sizes, workdir, "reference")
+        self.quiet = QuietReference()
+        if progress:
+            progress(0, total, "measure")
+
+    def run_one(self, key: str, config: Any, phase: str) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise ProfileCancelled(f"profile cancelled after {self.count} of {self.total} measurements")
+        run = make_runner(self.spec, self.target, config.keep_counts, self.workdir, "sample")
+        m = measure(run, self.plan, self.clock, reference=self.reference, quiet=self.quiet, sleep=self.sleep)
+        del run
+        self.store.append(_sample(key, config.kind, self.target, config.keep_counts, m, self.fingerprint,
+                                  phase == "repeat"))
+        self.count += 1
+        if self.progress:
+            self.progress(self.count, self.total, phase)

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from latency.device import DEVICE_NAME, DeviceError, DeviceSpec, load_device, save_device
-from latency.lpnet import PredictorError, read_meta
+from latency.lpnet import PredictorError
+from latency.lpnet_io import read_meta
 from latency.samples import LatencySample, SampleStore
 
 HOME_ENV = "LATPRUNE_HOME"
@@ -117,7 +118,7 @@ def load_latency_model(home: str | Path, device_name: str, arch: str, resolution
     """The LatencyModel of (device, arch, resolution) from `home`; refuses another environment unless `force`."""
     from latency.device import current_fingerprint
     from latency.latency_model import LatencyModel
-    from latency.lpnet import load_predictor
+    from latency.lpnet_io import load_predictor
 
     store = LatencyHome(home)
     spec = store.device(device_name)

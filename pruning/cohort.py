@@ -224,14 +224,26 @@ def run_cohort(request: PruneRequest, out_dir: str | Path, progress: Callable[[d
             emit({"stage": "export", "member": spec.id, "accuracy": member["accuracy"],
                   "fraction": (position + 1) / len(ctx.members)})
 
-    base_cost = ctx.cost_models[plan.base_resolution]
     full_accuracy = _full_network_accuracy(shared, data, plan.base_resolution, params.recalibration_batches,
                                            plan.device)
-    fronts = fronts_by_device(members, sorted((latency_models or {}).keys()))
-    report: dict[str, Any] = {
+    report = cohort_report(request, plan, members, full_accuracy, result.info, sorted(latency_models or {}))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    _atomic_json(out_dir / "cohort.json", report)
+    if emit:
+        emit({"stage": "export", "fraction": 1.0})
+    return report
+
+
+def cohort_report(request: PruneRequest, plan: CohortPlan, members: list[dict], full_accuracy: float,
+                  method_info: dict, devices: list[str]) -> dict[str, Any]:
+    """cohort.json: what was asked, every member, the Pareto fronts per device (and on MACs)."""
+    ctx, budget = plan.ctx, request.budget
+    base_cost = ctx.cost_models[plan.base_resolution]
+    fronts = fronts_by_device(members, devices)
+    return {
         "format": COHORT_FORMAT,
         "method": request.method,
-        "params": params.model_dump(),
+        "params": plan.params.model_dump(),
         "arch": request.arch,
         "dataset": request.dataset,
         "num_classes": plan.num_classes,
@@ -247,17 +259,12 @@ def run_cohort(request: PruneRequest, out_dir: str | Path, progress: Callable[[d
         "members": members,
         "skipped": plan.skipped,
         "pareto": {key: [m["id"] for m in front] for key, front in fronts.items()},
-        "method_info": result.info,
+        "method_info": method_info,
         "epochs": {"search_max": ctx.search_epochs, "joint": ctx.joint_epochs},
         "group_sizes": ctx.graphs[plan.base_resolution].sizes,
         "seed": request.seed,
         "device": str(plan.device),
-        "seconds": round(time.perf_counter() - started, 2),
     }
-    _atomic_json(out_dir / "cohort.json", report)
-    if emit:
-        emit({"stage": "export", "fraction": 1.0})
-    return report
 
 
 def member_dir(out_dir: str | Path, member_id: int) -> Path:

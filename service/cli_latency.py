@@ -214,7 +214,8 @@ def predictor_eval(
 @predictor_app.command("list")
 def predictor_list(device: Annotated[str | None, typer.Option(help="only this device")] = None) -> None:
     """List fitted predictors with their held-out accuracy."""
-    from latency.lpnet import PredictorError, read_meta
+    from latency.lpnet import PredictorError
+    from latency.lpnet_io import read_meta
 
     with one_line_errors():
         home = _home()

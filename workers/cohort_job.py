@@ -65,7 +65,7 @@ def load_latency_model(store: ArtifactStore, device: Device, predictor: Predicto
     """The device's stored predictor at `resolution` (ValueError if it does not cover it)."""
     from latency.device import DeviceSpec
     from latency.latency_model import LatencyModel
-    from latency.lpnet import load_predictor
+    from latency.lpnet_io import load_predictor
 
     if not predictor.path:
         raise ValueError(f"predictor {predictor.id} of device {device.name!r} has no stored file")

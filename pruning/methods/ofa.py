@@ -106,68 +106,83 @@ def _atomic_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def search_structures(ctx: CohortContext) -> tuple[list[Masks], dict[str, Any]]:
-    """Stage 1: train with L1 on BN gammas until the members' masks settle (early bird) or the epochs run out."""
-    params, base_graph = ctx.params, ctx.graphs[ctx.train_resolution]
-    norms = bn_layers(ctx.model, base_graph)
-    ckpt = ctx.checkpoint_dir
-    state_path = ckpt / SEARCH_STATE if ckpt else None
-    state: dict[str, Any] = {"masks": {}, "similarities": {}}
-    if state_path is not None and state_path.exists():
-        state = json.loads(state_path.read_text())
-    steps_per_epoch = max(len(ctx.train_loader), 1)
+class EarlyBirdSearch:
+    """Stage 1's state across epochs: every member's masks at each epoch end, the similarities of consecutive
+    epochs' masks, and the epoch the search stopped at (early bird); kept in `state_path` for a resumed job."""
 
-    def similarities() -> list[float]:
-        return [state["similarities"][k] for k in sorted(state["similarities"], key=int)]
+    def __init__(self, ctx: CohortContext, state_path: Path | None):
+        self.ctx, self.state_path = ctx, state_path
+        self.graph = ctx.graphs[ctx.train_resolution]
+        self.norms = bn_layers(ctx.model, self.graph)
+        self.steps_per_epoch = max(len(ctx.train_loader), 1)
+        self.state: dict[str, Any] = {"masks": {}, "similarities": {}}
+        if state_path is not None and state_path.exists():
+            self.state = json.loads(state_path.read_text())
+        self.stopped_epoch: int | None = None
+        if self.state["similarities"] and self.reached():
+            self.stopped_epoch = max(int(k) for k in self.state["similarities"])
 
-    stopped = {"epoch": None}
-    if state["similarities"] and early_bird_reached(similarities(), params.early_bird_threshold,
-                                                    params.early_bird_patience):
-        stopped["epoch"] = max(int(k) for k in state["similarities"])
+    def similarities(self) -> list[float]:
+        return [self.state["similarities"][k] for k in sorted(self.state["similarities"], key=int)]
 
-    def at_epoch_end(model: nn.Module, step: int) -> None:
-        if step % steps_per_epoch:
+    def reached(self) -> bool:
+        p = self.ctx.params
+        return early_bird_reached(self.similarities(), p.early_bird_threshold, p.early_bird_patience)
+
+    def member_masks(self) -> list[Masks]:
+        scores = group_bn_gammas(self.ctx.model, self.graph)
+        return derive_masks(scores, self.ctx.budget_costs, self.ctx.params.round_to)
+
+    def sparsity_loss(self, _model: nn.Module) -> torch.Tensor:
+        return self.ctx.params.sparsity * sum(n.weight.abs().sum() for n in self.norms)
+
+    def at_step(self, _model: nn.Module, step: int) -> None:
+        """At every epoch end: derive the members' masks, compare them with the last epoch's, stop if settled."""
+        if step % self.steps_per_epoch:
             return
-        epoch = step // steps_per_epoch
-        masks = derive_masks(group_bn_gammas(ctx.model, base_graph), ctx.budget_costs, params.round_to)
+        epoch, state = step // self.steps_per_epoch, self.state
+        masks = self.member_masks()
         # A redone epoch (resume after a crash) overwrites what it wrote before; older masks are not needed.
         state["masks"] = {k: v for k, v in state["masks"].items() if int(k) == epoch - 1}
         state["similarities"] = {k: v for k, v in state["similarities"].items() if int(k) < epoch}
         if str(epoch - 1) in state["masks"]:
             state["similarities"][str(epoch)] = mask_similarity(decode_masks(state["masks"][str(epoch - 1)]), masks)
         state["masks"][str(epoch)] = encode_masks(masks)
-        if state_path is not None:
-            _atomic_json(state_path, state)
-        sims = similarities()
-        if early_bird_reached(sims, params.early_bird_threshold, params.early_bird_patience):
-            stopped["epoch"] = epoch
-        if ctx.progress:
-            ctx.progress({"stage": "search", "epoch": epoch, "epochs": ctx.search_epochs,
-                          "similarity": sims[-1] if str(epoch) in state["similarities"] else None,
-                          "fraction": epoch / max(ctx.search_epochs, 1)})
+        if self.state_path is not None:
+            _atomic_json(self.state_path, state)
+        if self.reached():
+            self.stopped_epoch = epoch
+        if self.ctx.progress:
+            sims = self.similarities()
+            self.ctx.progress({"stage": "search", "epoch": epoch, "epochs": self.ctx.search_epochs,
+                               "similarity": sims[-1] if str(epoch) in state["similarities"] else None,
+                               "fraction": epoch / max(self.ctx.search_epochs, 1)})
 
-    def cancel() -> bool:
-        return stopped["epoch"] is not None or bool(ctx.should_cancel and ctx.should_cancel())
+    def should_stop(self) -> bool:
+        """train()'s cancellation check: the early bird was reached, or the job was cancelled."""
+        return self.stopped_epoch is not None or bool(self.ctx.should_cancel and self.ctx.should_cancel())
 
-    def sparsity_loss(_model: nn.Module) -> torch.Tensor:
-        return params.sparsity * sum(n.weight.abs().sum() for n in norms)
 
+def search_structures(ctx: CohortContext) -> tuple[list[Masks], dict[str, Any]]:
+    """Stage 1: train with L1 on BN gammas until the members' masks settle (early bird) or the epochs run out."""
+    ckpt = ctx.checkpoint_dir
+    search = EarlyBirdSearch(ctx, ckpt / SEARCH_STATE if ckpt else None)
     result, started = None, time.monotonic()
     if ctx.search_epochs > 0:
         try:
             result = train(ctx.model, ctx.train_loader, ctx.search_epochs, lr=ctx.lr, device=ctx.device,
-                           progress=ctx.progress, should_cancel=cancel,
+                           progress=ctx.progress, should_cancel=search.should_stop,
                            checkpoint_dir=ckpt / "search" if ckpt else None, stage="search",
-                           extra_loss=sparsity_loss if params.sparsity > 0 else None, on_step=at_epoch_end,
-                           seed=ctx.seed)
+                           extra_loss=search.sparsity_loss if ctx.params.sparsity > 0 else None,
+                           on_step=search.at_step, seed=ctx.seed)
         except Cancelled:
-            if stopped["epoch"] is None:
+            if search.stopped_epoch is None:
                 raise
     ctx.model.cpu().eval()
-    structures = derive_masks(group_bn_gammas(ctx.model, base_graph), ctx.budget_costs, params.round_to)
-    epochs_run = stopped["epoch"] if stopped["epoch"] is not None else ctx.search_epochs
-    info = {"max_epochs": ctx.search_epochs, "epochs_run": epochs_run, "early_bird_epoch": stopped["epoch"],
-            "similarities": similarities(), "final_loss": result.final_loss if result else None,
+    structures = search.member_masks()
+    epochs_run = search.stopped_epoch if search.stopped_epoch is not None else ctx.search_epochs
+    info = {"max_epochs": ctx.search_epochs, "epochs_run": epochs_run, "early_bird_epoch": search.stopped_epoch,
+            "similarities": search.similarities(), "final_loss": result.final_loss if result else None,
             "seconds": round(time.monotonic() - started, 2)}
     return structures, info
 

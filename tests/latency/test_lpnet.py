@@ -7,17 +7,8 @@ import pytest
 import torch
 
 from latency.device import current_fingerprint, make_device
-from latency.lpnet import (
-    FingerprintMismatchError,
-    FitConfig,
-    PredictorError,
-    PredictorMeta,
-    WidthFeatures,
-    fit_lpnet,
-    load_predictor,
-    predictor_paths,
-    save_predictor,
-)
+from latency.lpnet import FingerprintMismatchError, FitConfig, PredictorError, WidthFeatures, fit_lpnet
+from latency.lpnet_io import PredictorMeta, load_predictor, predictor_paths, save_predictor
 from latency.sampler import sample_configs
 
 FAST = FitConfig(hidden=(32, 32), max_epochs=200, patience=40, batch_size=32, members=2)

@@ -5,7 +5,8 @@ import torch
 
 from latency.device import make_device
 from latency.latency_model import LatencyModel
-from latency.lpnet import FitConfig, PredictorError, load_predictor
+from latency.lpnet import FitConfig, PredictorError
+from latency.lpnet_io import load_predictor
 from latency.predictors import evaluate_predictor, fit_predictor
 from latency.profiler import ProfileTarget, profile
 from latency.samples import SampleStore

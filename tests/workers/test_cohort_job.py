@@ -22,7 +22,8 @@ PARAMS = {"budgets": [0.6, 0.3], "resolutions": [16, 12], "recalibration_batches
 def save_random_predictor(store: ArtifactStore, rel: str, name: str, resolutions: list[int]) -> None:
     """An untrained LPNet for resnet20 (4 classes) at `resolutions`: predictions are arbitrary but deterministic."""
     from latency.device import DeviceSpec, current_fingerprint
-    from latency.lpnet import LPNet, PredictorMeta, WidthFeatures, save_predictor
+    from latency.lpnet import LPNet, WidthFeatures
+    from latency.lpnet_io import PredictorMeta, save_predictor
     from latency.predictors import cost_models
 
     spec = DeviceSpec(name=name)
