@@ -110,9 +110,9 @@ class GatedNetwork(nn.Module):
 
 
 class PolarizationSchedule(Regularizer):
-    """Penalty lambda * max(0, soft cost / target - 1) on the gates' soft keep counts, lambda adapted towards the target,
-    eps annealed, and gates below `snap_below` snapped to exactly 0 and frozen (each group's `floor` largest
-    gates are held at g >= 0.5 instead).
+    """Penalty lambda * max(0, soft cost / target - 1) on the gates' soft keep counts, lambda adapted towards the
+    target, eps annealed, and gates below `snap_below` snapped to exactly 0 and frozen (each group's `floor`
+    largest gates are held at g >= 0.5 instead).
 
     closed_step[g][c]: the step after which gate c of group g was snapped shut (-1: open), closed_gate[g][c] its
     value before that step; a closed gate's theta is held at 0, where g and its gradient are exactly 0, so it never
@@ -253,6 +253,7 @@ def run(ctx: MethodContext) -> Selection:
         "eps_final": float(gated.eps),
         "penalty_weight": schedule.penalty_weight,
         "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
         "eps_trace": thinned(schedule.eps_trace),
         "penalty_weight_trace": thinned(schedule.penalty_weight_trace),
         "cost_trace": thinned(schedule.cost_trace),
