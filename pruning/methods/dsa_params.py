@@ -43,7 +43,7 @@ class DSAParams(MethodParams):
     cost_rounding: bool = Field(True, description="round every group's alpha x width down or up so that the "
                                                   "hard cost stays within alpha's soft cost (false: to the nearest "
                                                   "count, which can miss it by half a channel per group)")
-    projection_tolerance: float = Field(1e-4, gt=0, le=0.01, description="relative distance of the projection's "
+    projection_tolerance: float = Field(1e-3, gt=0, le=0.05, description="relative distance of the projection's "
                                                                           "cost to the target at which the "
                                                                           "multiplier bisection stops")
 
