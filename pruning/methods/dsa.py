@@ -275,7 +275,7 @@ class ADMMAllocation(Regularizer):
 
 class SampledNetwork(nn.Module):
     """The model with every group's channels multiplied by masks drawn from the allocation's keep probabilities
-    (after the BN); in eval mode, the top round(alpha C) channels by |gamma|."""
+    (after the BN)."""
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, allocation: ADMMAllocation, beta2: float):
         super().__init__()
@@ -299,10 +299,9 @@ class SampledNetwork(nn.Module):
         return [row[: size] for row, size in zip(p, self.graph.sizes, strict=True)]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.current = [straight_through_bernoulli(p) for p in self.probabilities()]
-        else:
-            self.current = [m.double() for m in final_masks(self.model, self.graph, self.allocation.alpha())]
+        probabilities = self.probabilities()
+        # Evaluation sees the expected masks; only training samples them.
+        self.current = [straight_through_bernoulli(p) for p in probabilities] if self.training else probabilities
         return self.model(inputs)
 
     def remove(self) -> nn.Module:
@@ -332,11 +331,6 @@ def cost_rounded_counts(alpha: torch.Tensor, sizes: Sequence[int], hard: Callabl
             if hard(trial) <= limit:
                 counts = trial
     return counts
-
-
-def final_masks(model: nn.Module, graph: ChannelGraph, alpha: torch.Tensor) -> list[torch.Tensor]:
-    """The top round(alpha_k C_k) channels of every group by |gamma|."""
-    return masks_from_counts(group_bn_gammas(model, graph), keep_counts(alpha.detach(), graph.sizes))
 
 
 # ---- the method -----------------------------------------------------------------------------------------------
@@ -391,11 +385,13 @@ def run(ctx: MethodContext) -> Selection:
         "z": [round(float(v), 6) for v in allocation.z],
         "u": [round(float(v), 6) for v in allocation.u],
         "rho": allocation.rho,
-        "multiplier": allocation.multiplier,
+        # None: the budget set was empty (floors over the budget) and z sat at the floors.
+        "multiplier": allocation.multiplier if math.isfinite(allocation.multiplier) else None,
         "primal_residual": float((alpha - allocation.z).abs().max()),
         "admm_updates": allocation.updates,
         "steps": result.steps,
         "target": ctx.budget.target,
         "alpha_soft_cost_trace": [c * ctx.budget.target for c in trace[:: max(1, len(trace) // 50)]],
     }
-    return Selection(ctx.model, masks, finisher_scores(probabilities, gammas), score_scale="global", info=info)
+    return Selection(ctx.model, masks, finisher_scores(probabilities, gammas), score_scale="global",
+                     round_to=p.round_to, info=info)
