@@ -13,11 +13,11 @@ from pruning.registry import MethodParams, register_method
 @register_method("dsa", target="pruning.methods.dsa:run", trains=True)
 class DSAParams(MethodParams):
     """DSA, Differentiable Sparsity Allocation (Ning et al., ECCV 2020): every group keeps a learned ratio
-    alpha = sigmoid(a) of its channels; channels are sampled with probabilities from their |BN gamma| whose mean
-    is alpha (straight-through), and the budget on the soft cost of alpha (the device's LPNet latency, or
-    MACs/params) is a constraint solved by ADMM, the projection onto the budget set found by bisection over its
-    Lagrange multiplier; each group then keeps its top round(alpha x width) channels by |gamma|, before the
-    finisher and fine-tuning."""
+    alpha = floor + (1 - floor) sigmoid(a) of its channels; channels are sampled with probabilities from their
+    |BN gamma| whose mean is alpha (straight-through), and the budget on the soft cost of the alphas (the device's
+    LPNet latency, or MACs/params) is a constraint solved by ADMM, z projected onto the budget set by a bracketed
+    search over its Lagrange multiplier; each group then keeps its top alpha x width channels by |gamma|, before
+    the finisher and fine-tuning. Starts from the trained dense model."""
 
     beta2: float = Field(5.0, gt=0, le=100, description="sharpness of the keep probabilities in log|gamma|: "
                                                          "p = min(1, 0.01 + sigmoid(beta2 (ln|gamma| - ln beta1)))")
@@ -45,7 +45,7 @@ class DSAParams(MethodParams):
                                                   "count, which can miss it by half a channel per group)")
     projection_tolerance: float = Field(1e-3, gt=0, le=0.05, description="relative distance of the projection's "
                                                                           "cost to the target at which the "
-                                                                          "multiplier bisection stops")
+                                                                          "multiplier search stops")
 
     @model_validator(mode="after")
     def _stable_step(self) -> DSAParams:
