@@ -97,8 +97,8 @@ class LatencySearch:
     def record(self, masks: Masks, action: str) -> Probe:
         """Measure `masks` (confirmed where the reading disagrees with what the last probe implies)."""
         predicted = self.predicted(masks)
-        # A trim that reads slower than the configuration it was cut from is a burst, not the model: one such
-        # reading once cut a model to 0.74 of its budget.
+        # A trim that reads slower than the configuration it was cut from is a burst, not the model, and acting on
+        # it would cut far below the budget.
         last = self.probes[-1] if self.probes else None
         expected = predicted * last.measured / max(last.predicted, 1e-12) if last else predicted
         reading = confirmed_measurement(lambda: {"ms": float(self.measure_ms(masks))}, expected, self.tolerance,
@@ -120,7 +120,7 @@ class LatencySearch:
                 in_band_only and not self.low <= ms <= self.limit):
             return ms
         # Accepting the slowest configuration that reads within the limit favours readings that came out high by
-        # chance: one job's choice read 0.95 of its budget once and 0.86-0.88 in all three final readings.
+        # chance, which would leave the delivered model well under the budget.
         readings = [ms] + [float(self.measure_ms(probe.masks)) for _ in range(self.confirm_readings)]
         probe.measured = statistics.median(readings)
         probe.entry.update(measured_ms=probe.measured, readings_ms=readings)

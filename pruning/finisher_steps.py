@@ -58,9 +58,9 @@ def grow_masks(scores: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor
         return masks, 0
     k = largest_true(len(order), lambda j: fits(mask_counts(after(j))))
     grown = after(k)
-    # (ours) A learned predictor can jump at one count (resnet20's LPNet: one channel past 16 in a 64-wide group
-    # added 19%), and a prefix stops at the first channel that does not fit: one job's grow step added nothing
-    # and it ended at 0.87 of its budget. The channels after it are still tried, in order, each kept if it fits.
+    # (ours) A learned predictor can jump at one count, and a prefix stops at the first channel that does not fit,
+    # which can leave most of the budget unused; the channels after it are still tried, in order, each kept if
+    # it fits.
     counts = mask_counts(grown)
     added = k
     for g, c in order[k + 1:]:

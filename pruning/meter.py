@@ -53,8 +53,8 @@ class DeviceMeter:
         self.describe = describe
         self.repeats = max(1, int(repeats))
         self.dense = copy.deepcopy(dense).cpu().eval()
-        # The dense model never changes: exported once, for every reading (a temporary folder removed with the
-        # meter), not once per reading as before.
+        # The dense model never changes: exported once for every reading (a temporary folder removed with the
+        # meter).
         self._dense_folder: tempfile.TemporaryDirectory | None = None
         self.reference_ms = float(reference_ms if reference_ms is not None
                                   else latency.reference_ms or self.dense_ms())
@@ -124,9 +124,8 @@ def confirmed_measurement(measure: Callable[[], dict[str, float]], expected_ms: 
     by more than `tolerance`, `extra` more times, and the median of them all by ms, with every reading listed."""
     readings = [measure()]
     # On a shared machine a candidate's timings sometimes read high for seconds on end while the dense runs
-    # around them do not, which the ratio to the dense model cannot cancel (one report read 0.418 ms for a model
-    # the finisher had measured at 0.291 ms and four later measurements at 0.295-0.298 ms): disagreeing with the
-    # finisher calls for more readings.
+    # around them do not, which the ratio to the dense model cannot cancel: disagreeing with the finisher calls
+    # for more readings.
     if expected_ms is not None and abs(readings[0]["ms"] / max(expected_ms, 1e-12) - 1.0) > tolerance:
         readings += [measure() for _ in range(extra)]
     chosen = sorted(readings, key=lambda r: r["ms"])[(len(readings) - 1) // 2]

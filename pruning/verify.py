@@ -31,9 +31,9 @@ def final_reading(pruned: nn.Module, prune_info: dict, meter: DeviceMeter, budge
         final = _pooled_reading(pruned, meter, earlier, final)
     if final["ms"] <= limit:
         return final, pruned, None
-    # The finisher's readings and this one are minutes apart; on a shared machine the model can read over the
-    # budget now though it read within it then (one job: accepted at 1.05, final 1.10). What the user gets is
-    # judged by this reading, so the fine-tuned model loses its least important channels until it fits.
+    # The finisher's readings and this one are minutes apart, and on a shared machine the model can read over the
+    # budget now though it read within it then. What the user gets is judged by this reading, so the fine-tuned
+    # model loses its least important channels until it fits.
     trimmed = trim_finetuned(pruned, input_shape, [g.root for g in graph.groups], budget_cost, meter,
                              tolerance, rounds, accept_over)
     if trimmed is None:
@@ -41,8 +41,8 @@ def final_reading(pruned: nn.Module, prune_info: dict, meter: DeviceMeter, budge
     model, fit = trimmed
     if fit.channels_trimmed == 0:
         # The trim's own reading of the untouched model is the latest, confirmed where it disagreed: a slow spell
-        # once covered all six final readings of an l1 model (1.27 x the budget, the finisher's 0.96) and was over
-        # before the trim read it at 0.96, and the report carried the stale 1.27.
+        # can cover every final reading and be over by the time the trim reads the model, and the report must not
+        # carry the stale reading.
         return _rechecked_reading(final, fit.measurements[0], meter), pruned, fit
     final = confirmed_measurement(lambda: meter.measure(model), fit.measured_ms, accept_over)
     return final, model, fit
@@ -53,9 +53,8 @@ def _pooled_reading(pruned: nn.Module, meter: DeviceMeter, earlier: list[float],
     """`final` (over the limit) decided again: `again` more readings, and the median of every reading of this
     configuration, the finisher's (`earlier`) included."""
     # Fine-tuning changed the weights, not the structure the finisher measured within the limit, so the two
-    # disagree only by timing noise; the median of all their readings decides whether to trim. A slow spell once
-    # read 1.16-1.39 ms for a configuration the finisher had read at 1.01-1.12 ms against 1.059 ms, and the trim
-    # of the fine-tuned model that followed removed 76 channels (10% accuracy, 0.63 of the budget).
+    # disagree only by timing noise; the median of all their readings decides whether to trim, so that one slow
+    # spell does not cut channels out of a fine-tuned model that fits.
     readings = [meter.measure(pruned) for _ in range(again)]
     listed = final["readings_ms"] + [r["ms"] for r in readings]
     pooled = sorted(earlier + listed)
