@@ -279,3 +279,21 @@ def test_pipeline_meets_a_latency_budget_with_the_fake_device(tmp_path):
     report = run_prune(request, tmp_path, latency=latency)
     assert report["epochs"]["dense"] == 0
     assert report["latency_ms"]["pruned"]["measured"] <= target * 1.05
+
+
+def test_budget_penalty_raises_the_thresholds_through_the_sigmoid_surrogate():
+    ctx = lapp_context("flops=0.3")
+    plan, _ = lapp.bypass_plan(ctx.model, ctx.graph)
+    net = lapp.LappNetwork(ctx.model, ctx.graph, plan, 0.5, 5.0)
+    schedule = lapp.LappSchedule(ctx.params, ctx.budget, ctx.graph.sizes, prune_steps=4)
+    net.schedule = schedule
+    net(torch.randn(2, 3, 8, 8))
+    # The masks' values are the hard ones (all open here), so the soft counts equal the hard counts.
+    assert net.soft_counts.tolist() == [float(s) for s in ctx.graph.sizes]
+    penalty = schedule.penalty(net, 0)
+    assert float(penalty) > 0  # dense cost over the first step's falling target
+    penalty.backward()
+    assert bool((net.thresholds.grad < 0).all())  # descent raises every threshold
+    gamma = ctx.model.layer1[0].bn1.weight.grad
+    assert gamma is not None and bool((gamma > 0).all())  # and lowers the importances
+    net.remove()
