@@ -227,8 +227,9 @@ def counts_after(counts: Sequence[int], deaths: Sequence[tuple[float, int, int]]
 class LappSchedule(Regularizer):
     """The budget penalty mu * max(0, cost/target - 1)^2 on the soft keep counts, with the target falling from
     the dense cost to the budget over the pruning steps, and the monotone masks: after every pruning step a live
-    channel dies when its importance is under its group's threshold (unless it is among the group's floor), and
-    never comes back. `alive` (one flat bool tensor), the step count and the history are checkpointed."""
+    channel dies when its importance is under its group's threshold (unless it is among the group's floor; the
+    lowest margins first, and no more once the hard cost reaches the step's target), and never comes back. `alive`
+    (one flat bool tensor), the step count and the history are checkpointed."""
 
     state_fields = ("alive", "steps_done", "history")
 
@@ -275,7 +276,8 @@ class LappSchedule(Regularizer):
             under = alive[g] & (s <= t)
             floor = torch.topk(torch.where(alive[g], s, torch.full_like(s, -math.inf)), self.floors[g]).indices
             under[floor] = False
-            candidates += [(float(s[c]) - t, g, c) for c in torch.nonzero(under).flatten().tolist()]
+            values = s.tolist()
+            candidates += [(values[c] - t, g, c) for c in torch.nonzero(under).flatten().tolist()]
         candidates.sort()
         counts = [int(a.sum()) for a in alive]
         target = self.target_at(self.steps_done + 1)
