@@ -158,7 +158,8 @@ def test_masks_only_shrink_during_training_and_freeze_after_the_pruning_phase(mo
     for before, after in zip(snapshots, snapshots[1:], strict=False):
         assert not bool((after & ~before).any())  # nothing revived
     assert all(torch.equal(s, snapshots[5]) for s in snapshots[6:])  # frozen after E_p
-    assert int(snapshots[0].sum()) > int(snapshots[5].sum())  # pruned progressively, not at once
+    kept = [int(s.sum()) for s in snapshots[:6]]
+    assert sum(a > b for a, b in zip(kept, kept[1:], strict=False)) >= 3  # pruned progressively, not at once
     assert torch.equal(torch.cat(result.keep_masks), snapshots[-1])
     trace = result.info["cost_trace"]
     assert trace[0] > trace[-1] and ctx.budget.hard(result.keep_counts) <= ctx.budget.target
