@@ -298,3 +298,20 @@ def test_budget_penalty_raises_the_thresholds_through_the_sigmoid_surrogate():
     gamma = ctx.model.layer1[0].bn1.weight.grad
     assert gamma is not None and bool((gamma > 0).all())  # and lowers the importances
     net.remove()
+
+
+def test_deaths_per_step_stop_at_the_falling_target():
+    ctx = lapp_context("flops=0.3")
+    net = lapp.LappNetwork(ctx.model, ctx.graph, {}, 0.5, 5.0)
+    schedule = lapp.LappSchedule(ctx.params, ctx.budget, ctx.graph.sizes, prune_steps=4)
+    net.schedule = schedule
+    with torch.no_grad():
+        net.thresholds.fill_(10.0)  # every channel (tied at s = 1 from scratch) is under its threshold
+    schedule.after_step(net, 1)
+    counts = [int(a.sum()) for a in schedule.group_alive()]
+    first_target = schedule.target_at(1)
+    assert first_target == pytest.approx(ctx.budget.dense() * (1 - 0.7 / 4))
+    # One step goes just under its target (not down to the floors, as the tied thresholds alone would).
+    assert ctx.budget.hard(counts) <= first_target
+    assert ctx.budget.hard(counts) >= schedule.target_at(2)
+    net.remove()
