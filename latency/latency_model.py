@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
+from latency.backends import backend_for
 from latency.device import DeviceSpec
 from latency.lpnet import LPNet
 from latency.lpnet_io import PredictorMeta
 from latency.timing import (
     Measurement,
-    OnnxRuntimeRunner,
     QuietReference,
     TimingPlan,
-    TorchRunner,
     input_shape,
     measure,
     relative_reading,
@@ -87,14 +86,13 @@ class LatencyModel(DeviceOracle):
         return zoo.rebuild(arch), (int(arch["resolution"]) if arch.get("resolution") else None)
 
     def _runner(self, onnx_path: Path, model, resolution: int | None):  # noqa: ANN001, ANN202 - a timing Run
-        if self.spec.runtime == "onnxruntime":
-            if not onnx_path.is_file():
-                raise ValueError(f"no ONNX file {onnx_path}")
-            return OnnxRuntimeRunner(onnx_path, self.spec)
+        backend = backend_for(self.spec)
+        if backend.uses_onnx:
+            return backend.runner(self.spec, onnx_path, None, ())
         net, saved = self._torch_model(onnx_path, model)
         in_channels = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
         size = int(resolution or saved or self.resolution)
-        return TorchRunner(net, self.spec, input_shape(self.spec, in_channels, size))
+        return backend.runner(self.spec, None, net, input_shape(self.spec, in_channels, size))
 
     def measure_ms(self, onnx_path: str | Path, model=None, resolution: int | None = None) -> float:
         """Median latency (ms) of the model on this device, timed robustly (warm-up, blocks, re-measure).
@@ -135,7 +133,7 @@ class LatencyModel(DeviceOracle):
         quiet = quiet if quiet is not None else QuietReference()
         with tempfile.TemporaryDirectory(prefix="latprune-dense-") as tmp, torch_threads(self.spec.threads):
             dense_path = Path(tmp) / "dense.onnx"
-            if self.spec.runtime == "onnxruntime":
+            if backend_for(self.spec).uses_onnx:
                 export_for_device(dense, dense_path, self.spec, input_shape(self.spec, in_channels, self.resolution))
             run = self._runner(Path(onnx_path), model, self.resolution)
             reference = self._runner(dense_path, dense, self.resolution)

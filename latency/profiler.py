@@ -13,17 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from latency.backends import backend_for
 from latency.device import DeviceSpec, EnvironmentFingerprint, check_runnable, current_fingerprint
 from latency.sampler import config_key, sample_configs
 from latency.samples import LatencySample, SampleStore, best_measurements
 from latency.timing import (
     Clock,
     Measurement,
-    OnnxRuntimeRunner,
     QuietReference,
     Run,
     TimingPlan,
-    TorchRunner,
     input_shape,
     measure,
     torch_threads,
@@ -98,10 +97,9 @@ def make_runner(spec: DeviceSpec, target: ProfileTarget, keep_counts: Sequence[i
     """A callable doing one inference of the configuration on the device's runtime."""
     model = target.model(keep_counts)
     shape = input_shape(spec, target.in_channels, target.resolution)
-    if spec.runtime == "torch":
-        return TorchRunner(model, spec, shape)
-    path = export_for_device(model, workdir / f"{tag}.onnx", spec, shape)
-    return OnnxRuntimeRunner(path, spec)
+    backend = backend_for(spec)
+    path = export_for_device(model, workdir / f"{tag}.onnx", spec, shape) if backend.uses_onnx else None
+    return backend.runner(spec, path, model, shape)
 
 
 def repeatability(samples: Sequence[LatencySample]) -> dict | None:

@@ -56,3 +56,19 @@ def test_fingerprint_round_trip_and_mismatches():
     other = current_fingerprint(make_device(name="cpu1", threads=2))
     diffs = fp.mismatches(other)
     assert diffs == ["threads: 1 != 2"]
+
+
+def test_each_runtime_has_a_backend_that_says_what_it_times(tmp_path):
+    import pytest
+
+    from latency.backends import BACKENDS, backend_for
+    from latency.device import DeviceSpec
+
+    assert set(BACKENDS) == {"onnxruntime", "torch"}
+    onnx = backend_for(DeviceSpec(name="o"))
+    torch_backend = backend_for(DeviceSpec(name="t", runtime="torch"))
+    assert onnx.uses_onnx and not torch_backend.uses_onnx
+    with pytest.raises(ValueError, match="no ONNX file"):
+        onnx.runner(DeviceSpec(name="o"), tmp_path / "missing.onnx", None, (1, 3, 8, 8))
+    with pytest.raises(ValueError, match="needs the model"):
+        torch_backend.runner(DeviceSpec(name="t", runtime="torch"), tmp_path / "m.onnx", None, (1, 3, 8, 8))

@@ -161,6 +161,7 @@ def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
     reference STUB_RATIO; the shapes of the models timed (references included) are recorded."""
     import types
 
+    import latency.backends as backends
     import latency.latency_model as latency_model
 
     shapes: list[tuple[int, ...]] = []
@@ -175,7 +176,7 @@ def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
         return types.SimpleNamespace(sample=types.SimpleNamespace(median_ms=float(run.shape[-1])),
                                      ratio=STUB_RATIO if reference is not None else None, slow_retries=0)
 
-    monkeypatch.setattr(latency_model, "TorchRunner", Runner)
+    monkeypatch.setattr(backends, "TorchRunner", Runner)
     monkeypatch.setattr(latency_model, "measure", measure)
     return shapes
 
