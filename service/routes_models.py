@@ -8,14 +8,15 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, owned
+from service.deps import KeyDep, ModelId, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
+from service.errors import COMMON, WITH_ID, error_responses
 from service.models import Model
 from service.schemas import ModelOut
 from service.storage import StorageError
 from service.weights import WeightsRejected, validate_file
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=COMMON)
 
 
 def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
@@ -24,8 +25,8 @@ def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
 
 
 @router.post("", status_code=201, response_model=ModelOut,
-             responses={413: {"description": "file over the size limit"},
-                        422: {"description": "not safetensors, or not weights of this architecture"}})
+             responses=error_responses(400, 413, 422, s413="file over the size limit",
+                                       s422="not safetensors, or not weights of this architecture"))
 def upload_model(
     key: KeyDep, session: SessionDep, state: StateDep,
     arch: Annotated[str, Form(min_length=1, max_length=64, description="zoo architecture name")],
@@ -81,7 +82,7 @@ async def list_models(key: KeyDep, session: SessionDep) -> list[Model]:
     return list(session.scalars(select(Model).where(Model.tenant_id == key.tenant_id).order_by(Model.id)))
 
 
-@router.get("/{model_id}", response_model=ModelOut)
-async def get_model(model_id: int, key: KeyDep, session: SessionDep) -> Model:
+@router.get("/{model_id}", response_model=ModelOut, responses=WITH_ID)
+async def get_model(model_id: ModelId, key: KeyDep, session: SessionDep) -> Model:
     """One uploaded model."""
     return tenant_model(session, key.tenant_id, model_id)
