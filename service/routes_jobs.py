@@ -15,8 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.datasets import check_dataset, dataset_shape
 from service.deps import MAX_ID, JobId, KeyDep, SessionDep, StateDep, app_state, owned
-from service.engine_info import EngineInputError, check_arch, check_dataset, validate_params
+from service.engine_info import EngineInputError, check_arch, validate_params
 from service.errors import COMMON, WITH_ID, error_responses
 from service.jsonbody import StrictJSONRoute
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, utcnow
@@ -69,15 +70,28 @@ def _validated_request(body: JobCreate, tenant_id: int, session: Session, state)
     try:
         check_arch(body.arch)
         dataset = check_dataset(body.dataset, state.settings.data_root)
+        if body.model_id is not None:
+            _check_model_fits(tenant_model(session, tenant_id, body.model_id), body.arch,
+                              dataset_shape(dataset, state.settings.data_root), dataset)
     except EngineInputError as exc:
         raise HTTPException(422, str(exc)) from None
-    if body.model_id is not None:
-        model = tenant_model(session, tenant_id, body.model_id)
-        if model.arch != body.arch:
-            raise HTTPException(422, f"model {model.id} is a {model.arch}, but the job asks for {body.arch}")
     if body.budget.device_id is not None:
         owned(session, Device, tenant_id, body.budget.device_id, "device")
-    return {**body.model_dump(mode="json"), "dataset": dataset, "params": params}
+    return {**body.model_dump(mode="json"), "dataset": str(dataset), "params": params}
+
+
+def _check_model_fits(model, arch: str, shape: tuple[int, int], dataset: object) -> None:  # noqa: ANN001
+    """EngineInputError unless the uploaded weights are of `arch` with the dataset's classes and input channels:
+    the worker builds the model from the dataset and would fail loading them."""
+    if model.arch != arch:
+        raise EngineInputError(f"model {model.id} is a {model.arch}, but the job asks for {arch}")
+    classes, channels = shape
+    if model.num_classes != classes:
+        raise EngineInputError(f"model {model.id} has {model.num_classes} classes but {dataset} has {classes}; "
+                               f"upload weights with a {classes}-class classifier or pick a matching dataset")
+    if model.in_channels != channels:
+        raise EngineInputError(f"model {model.id} takes {model.in_channels} input channels but {dataset} has "
+                               f"{channels}; upload weights for {channels}-channel input or pick a matching dataset")
 
 
 @router.post("", status_code=201, response_model=JobOut,
