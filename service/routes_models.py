@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.deps import KeyDep, ModelId, SessionDep, StateDep, owned
-from service.engine_info import EngineInputError, check_arch
+from service.engine_info import EngineInputError, check_arch, check_arch_size
 from service.errors import COMMON, WITH_ID, error_responses
 from service.models import Model
 from service.schemas import ModelOut
@@ -38,6 +38,7 @@ def upload_model(
     """Upload dense weights; keys, shapes, dtypes and finiteness are checked before anything is kept."""
     try:
         check_arch(arch)
+        check_arch_size(arch, num_classes, in_channels, state.settings.max_arch_params)
     except EngineInputError as exc:
         raise HTTPException(422, str(exc)) from None
     store, limit = state.store, state.settings.max_upload_bytes
