@@ -1,8 +1,10 @@
-"""Strict JSON request bodies: no NaN or infinities, no absurdly long integers, no deep nesting.
+"""Strict request input: JSON bodies without NaN, infinities, absurdly long integers or deep nesting, and no
+NUL character in any body string or query parameter.
 
 Python's json module accepts NaN, Infinity and numbers like 1e309 (which become inf). Such values would be
-stored as null, fail later in a worker, or make the validation error itself unserializable, so a body holding
-one is answered 422 naming the field before any handler runs. Routers use `StrictJSONRoute` as route_class.
+stored as null, fail later in a worker, or make the validation error itself unserializable; PostgreSQL refuses
+text holding NUL. So a request holding one is answered 422 naming the field before any handler runs. Routers
+use `StrictRoute` as route_class.
 """
 
 from __future__ import annotations
@@ -57,13 +59,20 @@ def _error(loc: tuple, kind: str, msg: str, literal: str | None = None) -> dict[
     return error
 
 
+NUL_MSG = "Text may not contain the NUL character (\\u0000)"
+
+
 def refused_values(value: Any) -> list[dict[str, Any]]:
-    """Validation errors for every refused literal in a parsed body, and for nesting deeper than MAX_DEPTH."""
+    """Validation errors for every refused literal or NUL-holding string (or key) in a parsed body, and for
+    nesting deeper than MAX_DEPTH."""
     errors, stack = [], [(value, ("body",), 0)]
     while stack:
         item, loc, depth = stack.pop()
         if isinstance(item, _Refused):
             errors.append(_error(loc, item.kind, item.msg, item.literal))
+            continue
+        if isinstance(item, str) and "\x00" in item or isinstance(item, dict) and any("\x00" in k for k in item):
+            errors.append(_error(loc, "string_nul", NUL_MSG))
             continue
         children = list(item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ())
         if children and depth >= MAX_DEPTH:
@@ -98,16 +107,24 @@ def _is_json(content_type: str | None) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-class StrictJSONRoute(APIRoute):
-    """An APIRoute whose JSON body is parsed by `parse_body` before FastAPI reads it."""
+def _check_query(request: Request) -> None:
+    errors = [_error(("query", name), "string_nul", NUL_MSG)
+              for name, value in request.query_params.multi_items() if "\x00" in value]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+class StrictRoute(APIRoute):
+    """An APIRoute that refuses NUL in query parameters and parses a JSON body with `parse_body` before FastAPI
+    reads it."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:
-            return handler
+        has_body = self.body_field is not None
 
         async def strict_handler(request: Request) -> Response:
-            if _is_json(request.headers.get("content-type")):
+            _check_query(request)
+            if has_body and _is_json(request.headers.get("content-type")):
                 body = await request.body()
                 if body:
                     # Starlette's Request.json() returns this cached value instead of parsing again.

@@ -15,12 +15,13 @@ from pruning.selection import pareto_front
 from service.deps import JobId, KeyDep, SessionDep, StateDep
 from service.engine_info import predict_member_latency
 from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Device, Job, Subnet
 from service.routes_jobs import tenant_job
 from service.routes_results import MACS, _tenant_device, as_member
 from service.schemas import LatencyOut
 
-router = APIRouter(prefix="/v1/jobs", tags=["cohort"], responses=COMMON)
+router = APIRouter(prefix="/v1/jobs", tags=["cohort"], route_class=StrictRoute, responses=COMMON)
 
 
 class CohortMemberOut(BaseModel):

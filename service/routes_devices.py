@@ -10,12 +10,12 @@ from sqlalchemy.orm import Session
 from service.deps import DeviceId, KeyDep, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
 from service.errors import COMMON, WITH_ID, error_responses
-from service.jsonbody import StrictJSONRoute
+from service.jsonbody import StrictRoute
 from service.models import Device, Predictor
 from service.schemas import DeviceCreate, DeviceOut, PredictorOut, ProfileRequest
 from workers.celery_app import PROFILE_TASK, profile_queue
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"], route_class=StrictJSONRoute, responses=COMMON)
+router = APIRouter(prefix="/v1/devices", tags=["devices"], route_class=StrictRoute, responses=COMMON)
 
 
 def tenant_device(session: Session, tenant_id: int, device_id: int) -> Device:

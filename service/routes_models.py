@@ -11,12 +11,21 @@ from sqlalchemy.orm import Session
 from service.deps import KeyDep, ModelId, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch, check_arch_size
 from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Model
 from service.schemas import ModelOut
 from service.storage import StorageError
 from service.weights import WeightsRejected, validate_file
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=COMMON)
+# PostgreSQL text cannot hold NUL; the name column holds 128 characters.
+NO_NUL = r"^[^\x00]*$"
+NAME_LENGTH = 128
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=StrictRoute, responses=COMMON)
+
+
+def _file_name(filename: str | None) -> str:
+    """The uploaded file's name as a model name: without NUL characters, cut to the column's length."""
+    return (filename or "").replace("\x00", "")[:NAME_LENGTH]
 
 
 def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
@@ -29,11 +38,12 @@ def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
                                        s422="not safetensors, or not weights of this architecture"))
 def upload_model(
     key: KeyDep, session: SessionDep, state: StateDep,
-    arch: Annotated[str, Form(min_length=1, max_length=64, description="zoo architecture name")],
+    arch: Annotated[str, Form(min_length=1, max_length=64, pattern=NO_NUL, description="zoo architecture name")],
     weights: Annotated[UploadFile, File(description="safetensors file of the model's state dict")],
     num_classes: Annotated[int, Form(ge=1, le=100000)] = 10,
     in_channels: Annotated[int, Form(ge=1, le=64)] = 3,
-    name: Annotated[str, Form(max_length=128)] = "",
+    name: Annotated[str, Form(max_length=NAME_LENGTH, pattern=NO_NUL,
+                              description="default: the file's name")] = "",
 ) -> Model:
     """Upload dense weights; keys, shapes, dtypes and finiteness are checked before anything is kept."""
     try:
@@ -56,7 +66,7 @@ def upload_model(
             validate_file(tmp, arch, num_classes, in_channels)
         except (WeightsRejected, EngineInputError) as exc:
             raise HTTPException(422, f"weights rejected: {exc}") from None
-        model = Model(tenant_id=key.tenant_id, name=name or weights.filename or "", arch=arch,
+        model = Model(tenant_id=key.tenant_id, name=name or _file_name(weights.filename), arch=arch,
                       num_classes=num_classes, in_channels=in_channels, path="", sha256="", size_bytes=size)
         session.add(model)
         session.flush()

@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session
 from pruning.selection import pareto_front
 from service.deps import MAX_ID, JobId, KeyDep, SessionDep, StateDep, not_found
 from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Artifact, Device, Job, Subnet
 from service.routes_jobs import tenant_job
 from service.schemas import ArtifactFormat, ArtifactOut, LatencyOut, SubnetOut
 
-router = APIRouter(prefix="/v1/jobs", tags=["results"], responses=COMMON)
+router = APIRouter(prefix="/v1/jobs", tags=["results"], route_class=StrictRoute, responses=COMMON)
 MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/octet-stream",
                "arch": "application/json"}
 FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "arch": "arch.json"}

@@ -9,8 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from latency.device import DeviceSpec
 
-# The largest id a 64-bit integer column holds; SQLite cannot even bind a larger integer.
-MAX_ID = 2**63 - 1
+# Ids (and event cursors, page offsets) are INTEGER columns: 32-bit on PostgreSQL, which refuses to bind a larger
+# value, while SQLite cannot bind past 64 bits. Anything larger answers 422 before it reaches the database.
+MAX_ID = 2**31 - 1
 
 
 def _utc(value: datetime) -> datetime:

@@ -10,6 +10,7 @@ from tests.service.test_api_cohort import device, make_cohort
 from tests.service.test_api_jobs import JOB, job_rows
 
 BIG = 2**63  # one past the largest 64-bit signed integer: SQLite cannot bind it
+INT4 = 2**31  # one past PostgreSQL's INTEGER, the type of every id column
 HUGE = "99999999999999999999"
 
 
@@ -77,11 +78,11 @@ def id_routes(job: int, dev: int, model: int, big: int) -> list[tuple[str, str]]
     ]
 
 
-def test_ids_past_64_bits_answer_404_or_422(env):
+def test_ids_out_of_range_answer_404_or_422(env):
     headers = env.key()
     dev = device(env, headers, "d1", budget=5.0)
     job = make_cohort(env, headers, [(16, 0.9, 100, {dev: (1.0, None)})])
-    for big in (BIG, HUGE, -BIG - 1):
+    for big in (INT4, BIG, HUGE, -BIG - 1):
         for method, path in id_routes(job, dev, 1, big):
             r = env.client.request(method, path, headers=headers)
             assert r.status_code in (404, 422), (method, path, r.status_code, r.text)
@@ -89,25 +90,29 @@ def test_ids_past_64_bits_answer_404_or_422(env):
         assert r.status_code in (404, 422), (big, r.text)
 
 
-def test_query_and_body_integers_past_64_bits_answer_422(env):
+def test_query_and_body_integers_out_of_range_answer_422(env):
     headers = env.key()
-    assert env.client.get(f"/v1/jobs?offset={BIG}", headers=headers).status_code == 422
-    for field in ({"model_id": BIG}, {"budget": {"kind": "latency_ms", "value": 1, "device_id": BIG}}):
+    for big in (INT4, BIG):
+        assert env.client.get(f"/v1/jobs?offset={big}", headers=headers).status_code == 422
+    fields = [{"model_id": n} for n in (INT4, BIG)]
+    fields += [{"budget": {"kind": "latency_ms", "value": 1, "device_id": n}} for n in (INT4, BIG)]
+    for field in fields:
         before = job_rows(env)
         r = env.client.post("/v1/jobs", headers=headers, json={**JOB, **field})
         assert r.status_code in (404, 422), r.text
         assert job_rows(env) == before
 
 
-def test_event_cursor_past_64_bits_answers_422_not_a_broken_stream(env):
+def test_event_cursor_out_of_range_answers_422_not_a_broken_stream(env):
     headers = env.key()
     job = env.client.post("/v1/jobs", headers=headers, json=JOB).json()["id"]
-    r = env.client.get(f"/v1/jobs/{job}/events?after={BIG}&follow=false", headers=headers)
-    assert r.status_code == 422, r.text
-    assert r.json()["detail"][0]["loc"] == ["query", "after"]
-    r = env.client.get(f"/v1/jobs/{job}/events?follow=false", headers={**headers, "Last-Event-ID": str(BIG)})
-    assert r.status_code == 422, r.text
-    assert r.json()["detail"][0]["loc"] == ["header", "last-event-id"]
+    for big in (INT4, BIG):
+        r = env.client.get(f"/v1/jobs/{job}/events?after={big}&follow=false", headers=headers)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["query", "after"]
+        r = env.client.get(f"/v1/jobs/{job}/events?follow=false", headers={**headers, "Last-Event-ID": str(big)})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["header", "last-event-id"]
 
 
 @pytest.mark.parametrize("ref", ["%C2%B2", HUGE])
@@ -130,3 +135,28 @@ def test_non_finite_latency_query_refused(env):
     for value in ("nan", "inf", "1e309"):
         r = env.client.get(f"/v1/jobs/{job}/checkpoint?device={dev}&latency_ms={value}", headers=headers)
         assert r.status_code == 422, (value, r.text)
+
+
+def test_nul_characters_answer_422(env, weights_dir):
+    # PostgreSQL text cannot hold NUL: these reached the database and answered 500 there.
+    headers = env.key()
+    with open(weights_dir / "good.safetensors", "rb") as f:
+        r = env.client.post("/v1/models", headers=headers, data={"arch": "resnet20", "name": "a\x00b"},
+                            files={"weights": ("w.safetensors", f)})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"], r.text
+    r = post_raw(env, "/v1/jobs", headers, job_text(dataset='"synthetic:4x16"', method='"l1"',
+                                                     params='{"allocation": "uni\\u0000form"}'))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "params", "allocation"], r.text
+    dev = device(env, headers, "d4")
+    job = make_cohort(env, headers, [(16, 0.9, 100, {dev: (1.0, None)})])
+    r = env.client.get(f"/v1/jobs/{job}/checkpoint?device=d%004", headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "device"], r.text
+
+
+def test_long_or_nul_file_name_becomes_a_storable_model_name(env, weights_dir):
+    headers = env.key()
+    with open(weights_dir / "good.safetensors", "rb") as f:
+        r = env.client.post("/v1/models", headers=headers, data={"arch": "resnet20"},
+                            files={"weights": ("w" * 300 + ".safetensors", f)})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "w" * 128
