@@ -70,3 +70,21 @@ def test_every_operation_declares_its_error_statuses(env):
                 assert {"413", "422"} <= declared, (method, path)
     assert "409" in paths["/v1/devices"]["post"]["responses"]
     assert "409" in paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
+
+
+def test_validation_errors_are_always_serializable():
+    import asyncio
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+
+    from service.errors import ValidationErrorOut, validation_error_handler
+
+    exc = RequestValidationError([{"loc": ("body", "x", 0), "msg": "m", "type": "t", "input": [float("nan"), b"\xff"],
+                                   "ctx": {"error": ValueError("bad"), "limit": float("inf")}}])
+    response = asyncio.run(validation_error_handler(None, exc))
+    body = json.loads(response.body)
+    assert response.status_code == 422
+    assert body == {"detail": [{"loc": ["body", "x", 0], "msg": "m", "type": "t", "input": ["nan", "\ufffd"],
+                                "ctx": {"error": "bad", "limit": "inf"}}]}
+    ValidationErrorOut.model_validate(body)
