@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import schemathesis
@@ -23,7 +22,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from service import engine_info
 from service.app import create_app
-from service.db import dispose_engines, session_scope
+from service.db import session_scope
 from service.settings import Settings
 from tests.service.conftest import Recorder, make_database
 
@@ -36,7 +35,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def fuzz_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+def fuzz_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """An app on its own database of each backend, an admin key's headers, the database URL."""
     home = tmp_path_factory.mktemp(f"fuzz-{request.param}")
     url = make_database(request.param, home, request)
@@ -44,8 +43,9 @@ def fuzz_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                      dispatch=Recorder())
     # Ask the architecture helpers now, not inside a fuzzed request with its timeout.
     engine_info.expected_state("resnet20", 10, 3)
-    yield app, tenant_headers(url, admin=True), url
-    dispose_engines()
+    # The PostgreSQL schema is the session's (conftest), shared with the other API tests; every run here is its
+    # own tenant, and the session's teardown disposes of the engines.
+    return app, tenant_headers(url, admin=True), url
 
 
 def tenant_headers(url: str, admin: bool) -> dict[str, str]:
