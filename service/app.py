@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -31,6 +32,7 @@ from service.auth import KeyCache, Principal
 from service.db import session_factory
 from service.deps import AppState, Dispatcher, KeyDep, get_admin_key
 from service.engine_info import known_archs, list_methods
+from service.errors import COMMON, error_responses, validation_error_handler
 from service.models import JOB_STATES, Job
 from service.schemas import MethodOut
 from service.settings import Settings, get_settings
@@ -153,6 +155,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
                               "needs `Authorization: Bearer <api key>`; other tenants' ids answer 404. The web console "
                               "is at /.")
     app.state.latprune = state
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     registry = CollectorRegistry()
     requests = Counter("latprune_http_requests", "HTTP requests", ["method", "route", "status"],
@@ -165,7 +168,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=upload_limit)
     app.add_middleware(RequestMetrics, requests=requests, seconds=seconds)
 
-    @app.get("/healthz", tags=["meta"])
+    @app.get("/healthz", tags=["meta"], responses=error_responses(503, s503="the database is unreachable"))
     async def healthz() -> dict:
         """Liveness and database reachability (no key needed)."""
         try:
@@ -175,12 +178,12 @@ def create_app(settings: Settings | None = None, dispatch: Dispatcher | None = N
             raise HTTPException(503, f"database unreachable: {type(exc).__name__}") from None
         return {"status": "ok", "database": "ok"}
 
-    @app.get("/metrics", tags=["meta"], response_class=Response)
+    @app.get("/metrics", tags=["meta"], response_class=Response, responses={**COMMON, **error_responses(403)})
     async def metrics(_: Annotated[Principal, Depends(get_admin_key)]) -> Response:
         """Prometheus metrics (admin key: the job counts span all tenants)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/methods", tags=["meta"], response_model=list[MethodOut])
+    @app.get("/v1/methods", tags=["meta"], response_model=list[MethodOut], responses=COMMON)
     async def methods(_: KeyDep) -> list[dict]:
         """Pruning methods: name, description and the JSON schema of their params."""
         return list_methods()

@@ -7,14 +7,19 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import AuthError, KeyCache, Principal, authenticate
+from service.schemas import MAX_ID
 from service.settings import Settings
 from service.storage import ArtifactStore
+
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="job id")]
+DeviceId = Annotated[int, Path(ge=1, le=MAX_ID, description="device id")]
+ModelId = Annotated[int, Path(ge=1, le=MAX_ID, description="model id")]
 
 # (task name, args, queue) -> None; raises when the broker cannot take the task.
 Dispatcher = Callable[[str, list[Any], str], None]

@@ -12,14 +12,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pruning.selection import pareto_front
-from service.deps import KeyDep, SessionDep, StateDep
+from service.deps import JobId, KeyDep, SessionDep, StateDep
 from service.engine_info import predict_member_latency
+from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Device, Job, Subnet
 from service.routes_jobs import tenant_job
 from service.routes_results import MACS, _tenant_device, as_member
 from service.schemas import LatencyOut
 
-router = APIRouter(prefix="/v1/jobs", tags=["cohort"])
+router = APIRouter(prefix="/v1/jobs", tags=["cohort"], route_class=StrictRoute, responses=COMMON)
 
 
 class CohortMemberOut(BaseModel):
@@ -77,8 +79,8 @@ def cohort_out(session: Session, job: Job) -> CohortOut:
                  for s in subnets])
 
 
-@router.get("/{job_id}/cohort", response_model=CohortOut)
-def get_cohort(job_id: int, key: KeyDep, session: SessionDep) -> CohortOut:
+@router.get("/{job_id}/cohort", response_model=CohortOut, responses=WITH_ID)
+def get_cohort(job_id: JobId, key: KeyDep, session: SessionDep) -> CohortOut:
     """The job's cohort: every member's resolution, MACs, params, accuracy and latency per device, and the
     accuracy/latency Pareto front per device (plus the accuracy/MACs front)."""
     return cohort_out(session, tenant_job(session, key.tenant_id, job_id))
@@ -86,9 +88,9 @@ def get_cohort(job_id: int, key: KeyDep, session: SessionDep) -> CohortOut:
 
 @router.get("/{job_id}/pareto.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "one panel per device"},
-                       409: {"description": "the job has no evaluated subnets yet"}})
+                       **WITH_ID, **error_responses(409, s409="the job has no evaluated subnets yet")})
 def pareto_plot(
-    job_id: int, key: KeyDep, session: SessionDep,
+    job_id: JobId, key: KeyDep, session: SessionDep,
     device: Annotated[list[str] | None, Query(description="device id or name (repeatable); default: every "
                                                           "device with a latency, else MACs")] = None,
 ) -> Response:
@@ -121,9 +123,10 @@ def _keep_counts(job: Job) -> dict[int, list[int]]:
 
 
 @router.post("/{job_id}/subnets/predict", response_model=PredictOut,
-             responses={409: {"description": "the job is not finished, or the device has no predictor for it"}})
+             responses={**WITH_ID, **error_responses(409, s409="the job is not finished, or the device has no "
+                                                              "predictor for it")})
 def predict_subnets(
-    job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
+    job_id: JobId, key: KeyDep, session: SessionDep, state: StateDep,
     device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
 ) -> PredictOut:
     """Add the device's predicted latency to every member of a finished job (e.g. a device registered after the

@@ -7,13 +7,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, owned
+from service.deps import DeviceId, KeyDep, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
+from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Device, Predictor
 from service.schemas import DeviceCreate, DeviceOut, PredictorOut, ProfileRequest
 from workers.celery_app import PROFILE_TASK, profile_queue
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"])
+router = APIRouter(prefix="/v1/devices", tags=["devices"], route_class=StrictRoute, responses=COMMON)
 
 
 def tenant_device(session: Session, tenant_id: int, device_id: int) -> Device:
@@ -22,7 +24,7 @@ def tenant_device(session: Session, tenant_id: int, device_id: int) -> Device:
 
 
 @router.post("", status_code=201, response_model=DeviceOut,
-             responses={409: {"description": "a device of that name exists"}})
+             responses=error_responses(409, s409="a device of that name exists"))
 async def create_device(body: DeviceCreate, key: KeyDep, session: SessionDep) -> Device:
     """Register a device; its profiling runs on queue profile.<name>."""
     device = Device(tenant_id=key.tenant_id, name=body.name, spec=body.spec(), queue=profile_queue(body.name),
@@ -42,14 +44,15 @@ async def list_devices(key: KeyDep, session: SessionDep) -> list[Device]:
     return list(session.scalars(select(Device).where(Device.tenant_id == key.tenant_id).order_by(Device.id)))
 
 
-@router.get("/{device_id}", response_model=DeviceOut)
-async def get_device(device_id: int, key: KeyDep, session: SessionDep) -> Device:
+@router.get("/{device_id}", response_model=DeviceOut, responses=WITH_ID)
+async def get_device(device_id: DeviceId, key: KeyDep, session: SessionDep) -> Device:
     """One device."""
     return tenant_device(session, key.tenant_id, device_id)
 
 
-@router.post("/{device_id}/profile", status_code=202, response_model=PredictorOut)
-async def profile_device(device_id: int, body: ProfileRequest, key: KeyDep, session: SessionDep,
+@router.post("/{device_id}/profile", status_code=202, response_model=PredictorOut,
+             responses={**WITH_ID, **error_responses(503)})
+async def profile_device(device_id: DeviceId, body: ProfileRequest, key: KeyDep, session: SessionDep,
                    state: StateDep) -> Predictor:
     """Time sampled width configurations on the device and fit its LPNet (runs on the device's queue)."""
     device = tenant_device(session, key.tenant_id, device_id)
@@ -71,8 +74,8 @@ async def profile_device(device_id: int, body: ProfileRequest, key: KeyDep, sess
     return predictor
 
 
-@router.get("/{device_id}/predictors", response_model=list[PredictorOut])
-async def list_predictors(device_id: int, key: KeyDep, session: SessionDep) -> list[Predictor]:
+@router.get("/{device_id}/predictors", response_model=list[PredictorOut], responses=WITH_ID)
+async def list_predictors(device_id: DeviceId, key: KeyDep, session: SessionDep) -> list[Predictor]:
     """Latency predictors (and profiling runs) of a device, with their metrics."""
     device = tenant_device(session, key.tenant_id, device_id)
     return list(session.scalars(select(Predictor).where(Predictor.device_id == device.id)

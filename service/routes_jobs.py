@@ -15,14 +15,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, app_state, owned
-from service.engine_info import EngineInputError, check_arch, check_dataset, validate_params
+from service.datasets import check_dataset, dataset_shape
+from service.deps import MAX_ID, JobId, KeyDep, SessionDep, StateDep, app_state, owned
+from service.engine_info import EngineInputError, check_arch, validate_params
+from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, utcnow
 from service.routes_models import tenant_model
 from service.schemas import Budget, JobCreate, JobOut, JobPage, JobState
 from workers.celery_app import PRUNE_TASK
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictRoute, responses=COMMON)
 SSE_POLL_S = 0.5
 SSE_HEARTBEAT_S = 15.0
 
@@ -67,21 +70,34 @@ def _validated_request(body: JobCreate, tenant_id: int, session: Session, state)
     try:
         check_arch(body.arch)
         dataset = check_dataset(body.dataset, state.settings.data_root)
+        if body.model_id is not None:
+            _check_model_fits(tenant_model(session, tenant_id, body.model_id), body.arch,
+                              dataset_shape(dataset, state.settings.data_root), dataset)
     except EngineInputError as exc:
         raise HTTPException(422, str(exc)) from None
-    if body.model_id is not None:
-        model = tenant_model(session, tenant_id, body.model_id)
-        if model.arch != body.arch:
-            raise HTTPException(422, f"model {model.id} is a {model.arch}, but the job asks for {body.arch}")
     if body.budget.device_id is not None:
         owned(session, Device, tenant_id, body.budget.device_id, "device")
-    return {**body.model_dump(mode="json"), "dataset": dataset, "params": params}
+    return {**body.model_dump(mode="json"), "dataset": str(dataset), "params": params}
+
+
+def _check_model_fits(model, arch: str, shape: tuple[int, int], dataset: object) -> None:  # noqa: ANN001
+    """EngineInputError unless the uploaded weights are of `arch` with the dataset's classes and input channels:
+    the worker builds the model from the dataset and would fail loading them."""
+    if model.arch != arch:
+        raise EngineInputError(f"model {model.id} is a {model.arch}, but the job asks for {arch}")
+    classes, channels = shape
+    if model.num_classes != classes:
+        raise EngineInputError(f"model {model.id} has {model.num_classes} classes but {dataset} has {classes}; "
+                               f"upload weights with a {classes}-class classifier or pick a matching dataset")
+    if model.in_channels != channels:
+        raise EngineInputError(f"model {model.id} takes {model.in_channels} input channels but {dataset} has "
+                               f"{channels}; upload weights for {channels}-channel input or pick a matching dataset")
 
 
 @router.post("", status_code=201, response_model=JobOut,
              responses={200: {"description": "an earlier job with the same Idempotency-Key"},
-                        409: {"description": "Idempotency-Key reused with a different request"},
-                        422: {"description": "a field is wrong; the message names it"}})
+                        **error_responses(404, 409, 503, s404="model_id or budget.device_id does not exist",
+                                          s409="Idempotency-Key reused with a different request")})
 async def submit_job(
     body: JobCreate, key: KeyDep, session: SessionDep, state: StateDep, response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=128, description="same key, same job")] = None,
@@ -130,7 +146,7 @@ def _by_idempotency_key(session: Session, tenant_id: int, idem_key: str, digest:
 @router.get("", response_model=JobPage)
 async def list_jobs(key: KeyDep, session: SessionDep, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobPage:
+              offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> JobPage:
     """The tenant's jobs, newest first."""
     where = [Job.tenant_id == key.tenant_id]
     if state:
@@ -140,15 +156,15 @@ async def list_jobs(key: KeyDep, session: SessionDep, state: JobState | None = N
     return JobPage(items=[job_out(j) for j in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=WITH_ID)
+async def get_job(job_id: JobId, key: KeyDep, session: SessionDep) -> JobOut:
     """State, progress 0..1, current epoch, loss, cost, error, and the final report."""
     return job_out(tenant_job(session, key.tenant_id, job_id), with_report=True)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
-             responses={409: {"description": "the job has already finished"}})
-async def cancel_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
+             responses={**WITH_ID, **error_responses(409, s409="the job has already finished")})
+async def cancel_job(job_id: JobId, key: KeyDep, session: SessionDep) -> JobOut:
     """Cancel: a queued job stops at once; a running job stops at its worker's next step."""
     job = tenant_job(session, key.tenant_id, job_id)
     if job.state in TERMINAL_STATES:
@@ -163,12 +179,13 @@ async def cancel_job(job_id: int, key: KeyDep, session: SessionDep) -> JobOut:
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "`id`, `event` (progress | state | end) and JSON `data` lines"}})
+                             "description": "`id`, `event` (progress | state | end) and JSON `data` lines"},
+                       **WITH_ID})
 async def job_events(
-    job_id: int, key: KeyDep, session: SessionDep, request: Request,
-    after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    job_id: JobId, key: KeyDep, session: SessionDep, request: Request,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="only events with a larger id")] = 0,
     follow: Annotated[bool, Query(description="keep the stream open until the job ends")] = True,
-    last_event_id: Annotated[int | None, Header()] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None,
 ) -> StreamingResponse:
     """Server-sent events of the job's progress; resumable with Last-Event-ID."""
     tenant_job(session, key.tenant_id, job_id)

@@ -8,14 +8,24 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.deps import KeyDep, SessionDep, StateDep, owned
-from service.engine_info import EngineInputError, check_arch
+from service.deps import KeyDep, ModelId, SessionDep, StateDep, owned
+from service.engine_info import EngineInputError, check_arch, check_arch_size
+from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Model
 from service.schemas import ModelOut
 from service.storage import StorageError
 from service.weights import WeightsRejected, validate_file
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+# PostgreSQL text cannot hold NUL; the name column holds 128 characters.
+NO_NUL = r"^[^\x00]*$"
+NAME_LENGTH = 128
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=StrictRoute, responses=COMMON)
+
+
+def _file_name(filename: str | None) -> str:
+    """The uploaded file's name as a model name: without NUL characters, cut to the column's length."""
+    return (filename or "").replace("\x00", "")[:NAME_LENGTH]
 
 
 def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
@@ -24,19 +34,21 @@ def tenant_model(session: Session, tenant_id: int, model_id: int) -> Model:
 
 
 @router.post("", status_code=201, response_model=ModelOut,
-             responses={413: {"description": "file over the size limit"},
-                        422: {"description": "not safetensors, or not weights of this architecture"}})
+             responses=error_responses(400, 413, 422, s413="file over the size limit",
+                                       s422="not safetensors, or not weights of this architecture"))
 def upload_model(
     key: KeyDep, session: SessionDep, state: StateDep,
-    arch: Annotated[str, Form(min_length=1, max_length=64, description="zoo architecture name")],
+    arch: Annotated[str, Form(min_length=1, max_length=64, pattern=NO_NUL, description="zoo architecture name")],
     weights: Annotated[UploadFile, File(description="safetensors file of the model's state dict")],
     num_classes: Annotated[int, Form(ge=1, le=100000)] = 10,
     in_channels: Annotated[int, Form(ge=1, le=64)] = 3,
-    name: Annotated[str, Form(max_length=128)] = "",
+    name: Annotated[str, Form(max_length=NAME_LENGTH, pattern=NO_NUL,
+                              description="default: the file's name")] = "",
 ) -> Model:
     """Upload dense weights; keys, shapes, dtypes and finiteness are checked before anything is kept."""
     try:
         check_arch(arch)
+        check_arch_size(arch, num_classes, in_channels, state.settings.max_arch_params)
     except EngineInputError as exc:
         raise HTTPException(422, str(exc)) from None
     store, limit = state.store, state.settings.max_upload_bytes
@@ -54,7 +66,7 @@ def upload_model(
             validate_file(tmp, arch, num_classes, in_channels)
         except (WeightsRejected, EngineInputError) as exc:
             raise HTTPException(422, f"weights rejected: {exc}") from None
-        model = Model(tenant_id=key.tenant_id, name=name or weights.filename or "", arch=arch,
+        model = Model(tenant_id=key.tenant_id, name=name or _file_name(weights.filename), arch=arch,
                       num_classes=num_classes, in_channels=in_channels, path="", sha256="", size_bytes=size)
         session.add(model)
         session.flush()
@@ -81,7 +93,7 @@ async def list_models(key: KeyDep, session: SessionDep) -> list[Model]:
     return list(session.scalars(select(Model).where(Model.tenant_id == key.tenant_id).order_by(Model.id)))
 
 
-@router.get("/{model_id}", response_model=ModelOut)
-async def get_model(model_id: int, key: KeyDep, session: SessionDep) -> Model:
+@router.get("/{model_id}", response_model=ModelOut, responses=WITH_ID)
+async def get_model(model_id: ModelId, key: KeyDep, session: SessionDep) -> Model:
     """One uploaded model."""
     return tenant_model(session, key.tenant_id, model_id)

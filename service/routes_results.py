@@ -10,12 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pruning.selection import pareto_front
-from service.deps import KeyDep, SessionDep, StateDep, not_found
+from service.deps import MAX_ID, JobId, KeyDep, SessionDep, StateDep, not_found
+from service.errors import COMMON, WITH_ID, error_responses
+from service.jsonbody import StrictRoute
 from service.models import Artifact, Device, Job, Subnet
 from service.routes_jobs import tenant_job
 from service.schemas import ArtifactFormat, ArtifactOut, LatencyOut, SubnetOut
 
-router = APIRouter(prefix="/v1/jobs", tags=["results"])
+router = APIRouter(prefix="/v1/jobs", tags=["results"], route_class=StrictRoute, responses=COMMON)
 MEDIA_TYPES = {"onnx": "application/octet-stream", "safetensors": "application/octet-stream",
                "arch": "application/json"}
 FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "arch": "arch.json"}
@@ -90,8 +92,8 @@ def _job_subnets(session: Session, job: Job) -> list[Subnet]:
     return list(session.scalars(select(Subnet).where(Subnet.job_id == job.id).order_by(Subnet.member)))
 
 
-@router.get("/{job_id}/subnets", response_model=list[SubnetOut])
-async def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[SubnetOut]:
+@router.get("/{job_id}/subnets", response_model=list[SubnetOut], responses=WITH_ID)
+async def list_subnets(job_id: JobId, key: KeyDep, session: SessionDep) -> list[SubnetOut]:
     """The job's cohort: widths, resolution, MACs, params, accuracy, latency per device, artifacts, and which
     accuracy/cost Pareto fronts (per device id, and "macs") each member lies on."""
     job = tenant_job(session, key.tenant_id, job_id)
@@ -106,8 +108,11 @@ async def list_subnets(job_id: int, key: KeyDep, session: SessionDep) -> list[Su
 
 
 def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
+    """The tenant's device by id (ASCII digits that fit an id) or else by name; 404 if there is none."""
     where = [Device.tenant_id == tenant_id]
-    where.append(Device.id == int(ref) if ref.isdigit() else Device.name == ref)
+    # str.isdigit() also holds for characters such as "²" that int() refuses.
+    by_id = ref.isascii() and ref.isdigit() and int(ref) <= MAX_ID
+    where.append(Device.id == int(ref) if by_id else Device.name == ref)
     device = session.scalar(select(Device).where(*where))
     if device is None:
         raise not_found("device", ref)
@@ -117,13 +122,14 @@ def _tenant_device(session: Session, tenant_id: int, ref: str) -> Device:
 @router.get("/{job_id}/checkpoint", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the file; X-Checkpoint-SHA256 holds its hash"},
-                       409: {"description": "the job is not finished, or no subnet fits the device (and "
-                                             "over_budget is refuse)"}})
+                       **WITH_ID, **error_responses(409, s409="the job is not finished, or no subnet fits the "
+                                                              "device (and over_budget is refuse)")})
 async def download_checkpoint(
-    job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
+    job_id: JobId, key: KeyDep, session: SessionDep, state: StateDep,
     device: Annotated[str, Query(min_length=1, max_length=64, description="device id or name")],
     format: Annotated[ArtifactFormat, Query()] = "onnx",  # noqa: A002 - the API's parameter name
-    latency_ms: Annotated[float | None, Query(gt=0, description="override the device's budget")] = None,
+    latency_ms: Annotated[float | None, Query(gt=0, allow_inf_nan=False,
+                                              description="override the device's budget")] = None,
     over_budget: Annotated[OverBudget, Query(description="when no subnet fits: refuse (409), or send the fastest "
                                                          "with the reason in X-Over-Budget")] = "refuse",
 ) -> FileResponse:

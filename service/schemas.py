@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from latency.device import DeviceSpec
 
+# Ids (and event cursors, page offsets) are INTEGER columns: 32-bit on PostgreSQL, which refuses to bind a larger
+# value, while SQLite cannot bind past 64 bits. Anything larger answers 422 before it reaches the database.
+MAX_ID = 2**31 - 1
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite stores no offset, so its timestamps read back naive; every stored timestamp is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(_utc)]
 BudgetKind = Literal["flops", "macs", "params", "latency_ms"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ArtifactFormat = Literal["onnx", "safetensors", "arch"]
@@ -38,7 +49,7 @@ class DeviceOut(BaseModel):
     queue: str
     fingerprint: dict[str, Any] | None
     latency_budget_ms: float | None
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class ProfileRequest(Strict):
@@ -61,8 +72,8 @@ class PredictorOut(BaseModel):
     metrics: dict[str, Any] | None
     reference_ms: float | None
     error: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    finished_at: UtcDateTime | None
 
 
 class ModelOut(BaseModel):
@@ -73,7 +84,7 @@ class ModelOut(BaseModel):
     in_channels: int
     sha256: str
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class Budget(Strict):
@@ -82,7 +93,8 @@ class Budget(Strict):
     kind: BudgetKind
     value: float = Field(gt=0, description="flops, params: fraction of the dense model in (0, 1]; "
                          "macs: absolute multiply-accumulates; latency_ms: milliseconds on device_id")
-    device_id: int | None = Field(None, description="device whose latency counts (required for latency_ms)")
+    device_id: int | None = Field(None, ge=1, le=MAX_ID, description="device whose latency counts (required for "
+                                  "latency_ms)")
 
     @model_validator(mode="after")
     def _check(self) -> Budget:
@@ -103,7 +115,8 @@ class JobCreate(Strict):
          "budget": {"kind": "latency_ms", "value": 1.2, "device_id": 1}, "epochs": 2}]})
     method: str = Field(min_length=1, max_length=32)
     arch: str = Field(min_length=1, max_length=64)
-    model_id: int | None = Field(None, description="uploaded dense weights; omitted: trained from scratch")
+    model_id: int | None = Field(None, ge=1, le=MAX_ID, description="uploaded dense weights; omitted: trained "
+                                 "from scratch")
     dataset: str = Field(min_length=1, max_length=512, description="builtin:digits, synthetic:10x32, "
                          "imagefolder:<path under the data root>, torchvision:<Name>")
     budget: Budget
@@ -135,9 +148,9 @@ class JobOut(BaseModel):
     cancel_requested: bool
     attempts: int
     report: dict[str, Any] | None = None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
 
 
 class JobPage(BaseModel):
@@ -176,7 +189,3 @@ class MethodOut(BaseModel):
     name: str
     description: str
     params_schema: dict[str, Any]
-
-
-class ErrorOut(BaseModel):
-    detail: str

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     data_root: Path | None = Field(None, description="dataset paths resolve under here; default home/data")
     max_upload_bytes: int = Field(512 * MIB, gt=0, description="largest accepted weights upload")
     max_body_bytes: int = Field(1 * MIB, gt=0, description="largest accepted JSON request body")
+    max_arch_params: int = Field(200_000_000, gt=0, description="weights uploads for an architecture with more "
+                                 "parameters (state-dict values) are refused before the file is read")
     visibility_timeout_s: int = Field(12 * 3600, gt=0, description="broker redelivery delay of unacked tasks")
     auth_cache_s: float = Field(10.0, ge=0, description="an authenticated API key is remembered this long; a key "
                                 "revoked by another process (the CLI) stops working within it; 0: look up every "

@@ -40,13 +40,8 @@ def read_header(path: str | Path) -> dict[str, dict]:
             raise WeightsRejected("not a safetensors file (a pickle or torch.save file is not accepted; "
                                   "save with safetensors.torch.save_file)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WeightsRejected("not a safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise WeightsRejected("not a safetensors file: its header is not a JSON object")
-    header.pop("__metadata__", None)
+    header = _parse_header(raw)
+    _check_metadata(header.pop("__metadata__", None))
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -67,6 +62,34 @@ def read_header(path: str | Path) -> dict[str, dict]:
     if pos != data_len:
         raise WeightsRejected("malformed safetensors file: trailing bytes after the tensor data")
     return header
+
+
+def _refuse_constant(literal: str) -> None:
+    raise WeightsRejected(f"not a safetensors file: its header holds {literal}, which strict JSON (and so "
+                          "safetensors) does not allow")
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except WeightsRejected:
+        raise
+    except RecursionError:
+        raise WeightsRejected("not a safetensors file: its header is JSON nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer too long to convert
+        raise WeightsRejected(f"not a safetensors file: its header is not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise WeightsRejected("not a safetensors file: its header is not a JSON object")
+    return header
+
+
+def _check_metadata(metadata: object) -> None:
+    # safetensors loads __metadata__ only as a map of strings to strings; anything else makes the file unloadable.
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsRejected("__metadata__ must map names to strings (safetensors cannot load anything else); "
+                              "save with safetensors.torch.save_file(..., metadata={'key': 'text'})")
 
 
 def _check_entry(name: str, info: object) -> None:

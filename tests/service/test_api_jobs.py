@@ -83,7 +83,7 @@ def test_model_must_match_arch(env, weights_dir):
                                 files={"weights": ("w.safetensors", f)}).json()
     r = submit(env, headers, arch="resnet32", model_id=model["id"])
     assert r.status_code == 422 and "is a resnet20" in r.json()["detail"]
-    assert submit(env, headers, model_id=model["id"]).status_code == 201
+    assert submit(env, headers, model_id=model["id"], dataset="synthetic:10x32").status_code == 201
 
 
 def test_idempotency_key(env):
