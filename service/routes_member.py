@@ -9,13 +9,15 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from service.deps import KeyDep, SessionDep, StateDep
+from service.deps import JobId, KeyDep, SessionDep, StateDep
+from service.errors import COMMON
+from service.jsonbody import StrictRoute
 from service.models import Artifact, Subnet
 from service.routes_jobs import tenant_job
 from service.routes_results import FILE_NAMES, MEDIA_TYPES
 from service.schemas import ArtifactFormat
 
-router = APIRouter(prefix="/v1/jobs", tags=["results"])
+router = APIRouter(prefix="/v1/jobs", tags=["results"], route_class=StrictRoute, responses=COMMON)
 
 
 @router.get("/{job_id}/subnets/{member}/checkpoint", response_class=FileResponse,
@@ -24,7 +26,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["results"])
                        404: {"description": "no such job (or another tenant's), or no such member"},
                        409: {"description": "the job has not succeeded, or the member has no file of that format"}})
 async def download_member(
-    job_id: int, key: KeyDep, session: SessionDep, state: StateDep,
+    job_id: JobId, key: KeyDep, session: SessionDep, state: StateDep,
     member: Annotated[int, Path(ge=0, le=1_000_000, description="the member number (GET /v1/jobs/{id}/subnets)")],
     format: Annotated[ArtifactFormat, Query()] = "onnx",  # noqa: A002 - the API's parameter name
 ) -> FileResponse:
