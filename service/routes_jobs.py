@@ -15,12 +15,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.contracts import PRUNE_TASK
 from service.deps import KeyDep, SessionDep, StateDep, app_state, owned
 from service.engine_info import EngineInputError, check_arch, check_dataset, validate_params
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, utcnow
 from service.routes_models import tenant_model
 from service.schemas import Budget, JobCreate, JobOut, JobPage, JobState
-from workers.celery_app import PRUNE_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 SSE_POLL_S = 0.5

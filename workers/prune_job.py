@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK
 from service.db import session_factory
 from service.deps import Dispatcher
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, Model, Predictor, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK
 from workers.progress import CancelFlag, JobProgress
 
 log = logging.getLogger(__name__)

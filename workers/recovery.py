@@ -28,11 +28,11 @@ from pathlib import Path
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, sqlite_broker_options
 from service.db import session_factory
 from service.deps import Dispatcher
 from service.models import Device, Job, Predictor
 from service.settings import Settings
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, sqlite_broker_options
 from workers.prune_job import MEASURING
 
 log = logging.getLogger(__name__)

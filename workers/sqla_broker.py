@@ -3,7 +3,7 @@
 kombu's `_put` looks its queue row up through the ORM and adds the message through an ORM session on every
 publish, about 3 ms of CPU here, which was most of a job submission's cost. This one remembers queue ids and
 inserts with one Core statement in a short transaction of its own. Consuming is kombu's own. The tables are
-kombu's, so workers on either implementation share them.
+kombu's, so workers on either implementation share them. Selected by service.contracts.transport_and_url.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 from json import dumps
 
 from kombu.transport import sqlalchemy as kombu_sqla
-
-URL_PREFIX = "sqla+"
 
 
 class Channel(kombu_sqla.Channel):
@@ -40,15 +38,3 @@ class Transport(kombu_sqla.Transport):
     """kombu's SQLAlchemy transport with `Channel`'s publish."""
 
     Channel = Channel
-
-
-def transport_and_url(broker_url: str) -> tuple[type | None, str]:
-    """(transport class, URL for kombu) of a broker URL: `sqla+<database URL>` selects this transport.
-
-    Not when the database URL names a driver (`sqla+postgresql+psycopg://`): kombu would split that URL again at
-    its `+`, so those keep kombu's own transport and URL.
-    """
-    database_url = broker_url.removeprefix(URL_PREFIX)
-    if broker_url.startswith(URL_PREFIX) and "+" not in database_url.split("://", 1)[0]:
-        return Transport, database_url
-    return None, broker_url

@@ -6,9 +6,10 @@ import logging
 
 from celery.signals import worker_process_init, worker_ready
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK
 from service.db import dispose_engines
 from service.settings import get_settings
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, app
+from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 # What a task answers when another live process already runs its job (a duplicate; see workers.recovery).

@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import text
 
 from service.auth import create_key
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, make_producer
 from service.db import dispose_engines, session_scope
 from service.migrate import upgrade
 from service.models import Device, Job, Predictor
 from service.settings import Settings
 from tests.workers.conftest import Stack, wait_for
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, make_celery
 from workers.prune_job import AWAITING_PREDICTOR, MEASURING
 from workers.recovery import lock_held, lost_tasks, pending_tasks, recover_lost_tasks, task_lock
 
@@ -54,7 +54,7 @@ def test_lost_tasks_are_the_unfinished_ones_with_no_message_and_no_lock(settings
         s.add_all([profiling, ready])
         s.flush()
         device_id, device_queue, profiling_id = device.id, device.queue, profiling.id
-    celery = make_celery(settings)
+    celery = make_producer(settings)
     celery.send_task(PRUNE_TASK, args=[waiting_in_broker], queue="prune")
     celery.send_task(PRUNE_TASK, args=[worker_killed], queue="prune")
     # A worker took worker_killed's message and died holding it: kombu leaves it invisible for good.

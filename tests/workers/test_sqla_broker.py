@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import json
 
+from service.contracts import PRUNE_TASK, SQLA_TRANSPORT, transport_and_url
 from service.settings import Settings
-from workers.celery_app import PRUNE_TASK, make_celery
-from workers.sqla_broker import Transport, transport_and_url
+from workers.celery_app import make_celery
+from workers.sqla_broker import Transport
 
 
 def test_transport_choice():
-    assert transport_and_url("sqla+sqlite:////x/broker.db") == (Transport, "sqlite:////x/broker.db")
+    assert transport_and_url("sqla+sqlite:////x/broker.db") == (SQLA_TRANSPORT, "sqlite:////x/broker.db")
     # kombu would split a driver-qualified database URL again at its "+": those keep kombu's transport.
     assert transport_and_url("sqla+postgresql+psycopg://u@h/db") == (None, "sqla+postgresql+psycopg://u@h/db")
     assert transport_and_url("redis://h:6379/0") == (None, "redis://h:6379/0")

@@ -89,12 +89,12 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
             rows = client.predictors(device["id"])
             return rows[0]["state"] in ("ready", "failed") and rows[0]
 
-        done = wait_for(finished, 120, f"profiling on profile.here; worker log:\n"
+        done = wait_for(finished, 120, f"profiling on {device['queue']}; worker log:\n"
                                         f"{(tmp_path / 'logs' / 'worker.log').read_text()[-2000:]}")
         assert done["id"] == predictor["id"] and done["state"] == "ready", done["error"]
     finally:
         _stop(proc, out)
-    assert "Started consuming from profile.here" in (tmp_path / "logs" / "worker.log").read_text()
+    assert f"Started consuming from {device['queue']}" in (tmp_path / "logs" / "worker.log").read_text()
 
     # A second start keeps the database and the saved key, and prints no new key.
     again = tmp_path / "up2.out"
