@@ -41,10 +41,10 @@ def run_profile(settings: Settings, predictor_id: int, dispatch: Dispatcher) -> 
         predictor = session.get(Predictor, predictor_id, with_for_update=True)
         if predictor is None or predictor.state in ("ready", "failed"):
             return predictor.state if predictor else "missing"
-        predictor.attempts += 1
-        if predictor.attempts > settings.max_attempts:
+        if predictor.attempts >= settings.max_attempts:
             return _fail(session, predictor, f"the worker profiling this device was lost "
-                                             f"{predictor.attempts - 1} times; giving up", dispatch)
+                                             f"{predictor.attempts} times; giving up", dispatch)
+        predictor.attempts += 1
         predictor.state = "running"
         device = session.get(Device, predictor.device_id)
         arch, resolution, n_samples = predictor.arch, predictor.resolution, predictor.samples_requested

@@ -87,6 +87,8 @@ def run_job(settings: Settings, job_id: int, dispatch: Dispatcher) -> str:
     for task in follow_ups:
         dispatch(*task)
     if started is None:
+        if state in ("failed", "cancelled"):  # e.g. given up after lost workers: their checkpoints are no use now
+            store.delete_tree(job_work_dir(job_id))
         return state
     return _run(settings, sessions, store, started, dispatch)
 
@@ -126,11 +128,12 @@ def _start(session: Session, settings: Settings, job_id: int, follow_ups: list) 
                                                                     "resolutions": missing}))
             return None
         predictor = found.get(resolution) or found[resolutions[0]]
-    job.attempts += 1
-    if job.attempts > settings.max_attempts:
-        finish(session, job, "failed", f"the worker running this job was lost {job.attempts - 1} times "
+    # Every start counts, so a start that finds max_attempts already used means that many workers died running it.
+    if job.attempts >= settings.max_attempts:
+        finish(session, job, "failed", f"the worker running this job was lost {job.attempts} times "
                                        "(killed or out of memory); giving up")
         return None
+    job.attempts += 1
     job.state, job.stage, job.error = "running", "starting", None
     job.started_at = job.started_at or utcnow()
     session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "attempt": job.attempts}))

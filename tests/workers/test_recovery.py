@@ -110,3 +110,20 @@ def test_job_of_a_killed_worker_runs_again_when_a_worker_starts(embedded_stack: 
     assert "again on prune" in stack.log_tail()
     subnets = stack.client.get(f"/v1/jobs/{job['id']}/subnets", headers=stack.headers).json()
     assert len(subnets) == 1 and len(subnets[0]["artifacts"]) == 3
+
+
+@pytest.mark.slow
+def test_poison_job_fails_after_three_runs_and_leaves_no_work_dir(embedded_stack: Stack):
+    stack = embedded_stack
+    job = stack.submit(epochs=60)
+    work = stack.settings.artifact_dir / "work" / "jobs" / str(job["id"])
+    for attempt in (1, 2, 3):  # each run kills its pool process, as a job that runs out of memory would
+        wait_for(lambda a=attempt: (j := stack.job(job["id"]))["attempts"] == a and j["progress"] > 0.01, 120,
+                 f"run {attempt} to make progress; worker log:\n{stack.log_tail()}")
+        assert work.exists()
+        (child,) = stack.worker_children()
+        os.kill(child, signal.SIGKILL)
+    done = stack.wait_state(job["id"], ("succeeded", "failed", "cancelled"), timeout_s=120)
+    assert done["state"] == "failed" and "lost 3 times" in done["error"]
+    assert done["attempts"] == 3  # three runs, not four
+    assert not work.exists()  # the dead runs' checkpoints are of no use to anyone now
