@@ -21,6 +21,7 @@ from service.deps import Dispatcher
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, Model, Predictor, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore
+from workers.dbretry import retry_db
 from workers.progress import CancelFlag, JobProgress
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,15 @@ def run_job(settings: Settings, job_id: int, dispatch: Dispatcher) -> str:
     sessions = session_factory(settings.database_url)
     store = ArtifactStore(settings.artifact_dir)
     follow_ups: list[tuple[str, list, str]] = []
-    with sessions.begin() as session:
-        started = _start(session, settings, job_id, follow_ups)
-        job = session.get(Job, job_id)
-        state = job.state if job is not None else "missing"
+
+    def start() -> tuple[Started | None, str]:
+        follow_ups.clear()
+        with sessions.begin() as session:
+            started = _start(session, settings, job_id, follow_ups)
+            job = session.get(Job, job_id)
+            return started, job.state if job is not None else "missing"
+
+    started, state = retry_db(f"starting job {job_id}", start)
     for task in follow_ups:
         dispatch(*task)
     if started is None:
@@ -218,17 +224,20 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
         log.exception("job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
     try:
-        needs_measure = started.device is not None if cohort else persist_results(sessions, store, started, report,
-                                                                                   work / "out")
+        needs_measure = started.device is not None if cohort else retry_db(
+            f"storing job {started.job_id}", lambda: persist_results(sessions, store, started, report, work / "out"))
     except Exception as exc:
         log.exception("storing the results of job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed",
                     f"internal error while storing results: {type(exc).__name__}: {exc}")
     if needs_measure:
-        with sessions.begin() as session:
-            job = session.get(Job, started.job_id)
-            job.stage, job.report = MEASURING, report
-            session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "stage": MEASURING}))
+        def measuring() -> None:
+            with sessions.begin() as session:
+                job = session.get(Job, started.job_id)
+                job.stage, job.report = MEASURING, report
+                session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "stage": MEASURING}))
+
+        retry_db(f"marking job {started.job_id} measuring", measuring)
         dispatch(MEASURE_TASK, [started.job_id, started.device.id], started.device.queue)
         return "running"
     return _end(sessions, store, started.job_id, "succeeded", report=report)
@@ -236,11 +245,14 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
 
 def _end(sessions: sessionmaker[Session], store: ArtifactStore, job_id: int, state: str, error: str | None = None,
          report: dict | None = None) -> str:
-    with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if report is not None:
-            job.report = report
-        finish(session, job, state, error)
+    def write() -> None:
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if report is not None:
+                job.report = report
+            finish(session, job, state, error)
+
+    retry_db(f"finishing job {job_id}", write)
     store.delete_tree(job_work_dir(job_id))
     return state
 
