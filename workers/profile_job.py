@@ -20,6 +20,7 @@ from service.models import Artifact, Device, Job, JobEvent, LatencySample, Predi
 from service.settings import Settings
 from service.storage import ArtifactStore, sha256_file
 from workers.cohort_job import load_latency_model, ready_predictor
+from workers.dbretry import retry_db
 from workers.prune_job import MEASURING, finish, job_work_dir, waiting_jobs
 
 if TYPE_CHECKING:
@@ -57,8 +58,8 @@ def run_profile(settings: Settings, predictor_id: int, dispatch: Dispatcher) -> 
         with sessions.begin() as session:
             return _fail(session, session.get(Predictor, predictor_id), message, dispatch)
     try:
-        return _store_predictor(settings, sessions, store, predictor_id, device, arch, (result, stem, meta, samples),
-                                dispatch)
+        return retry_db(f"storing predictor {predictor_id}", lambda: _store_predictor(
+            settings, sessions, store, predictor_id, device, arch, (result, stem, meta, samples), dispatch))
     except Exception as exc:
         log.exception("storing predictor %s failed", predictor_id)
         with sessions.begin() as session:

@@ -74,7 +74,8 @@ def profile_run(predictor_id: int) -> str:
     from workers.recovery import task_lock
 
     settings = get_settings()
-    with task_lock(settings, f"predictor-{int(predictor_id)}") as mine:
+    with requeue_on_database_outage(f"profiling {predictor_id}"), \
+            task_lock(settings, f"predictor-{int(predictor_id)}") as mine:
         return run_profile(settings, int(predictor_id), _dispatch) if mine else DUPLICATE
 
 
@@ -85,5 +86,5 @@ def profile_measure(job_id: int, device_id: int) -> str:
     from workers.recovery import task_lock
 
     settings = get_settings()
-    with task_lock(settings, f"measure-{int(job_id)}") as mine:
+    with requeue_on_database_outage(f"measuring job {job_id}"), task_lock(settings, f"measure-{int(job_id)}") as mine:
         return run_measure(settings, int(job_id), int(device_id)) if mine else DUPLICATE
