@@ -120,9 +120,9 @@ class JobStateCollector:
 
 def celery_dispatcher(settings: Settings) -> Dispatcher:
     """Send tasks by name through the configured broker."""
-    from workers.celery_app import make_celery
+    from service.contracts import make_producer
 
-    celery = make_celery(settings)
+    celery = make_producer(settings)
 
     def dispatch(task: str, args: list, queue: str) -> None:
         celery.send_task(task, args=args, queue=queue)

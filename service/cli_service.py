@@ -356,7 +356,8 @@ def up(
     host: Annotated[str | None, typer.Option(help="bind address (LATPRUNE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (LATPRUNE_PORT)")] = None,
 ) -> None:
-    """Run the whole stack on this machine: API + one worker, SQLite, embedded broker, local artifacts."""
+    """Run the whole stack on this machine: API + one worker, SQLite, embedded broker, local artifacts; either is
+    restarted (with backoff) if it exits."""
     with one_line_errors(), sigterm_as_interrupt():
         settings = _settings()
         if host:
@@ -369,16 +370,29 @@ def up(
             console.print(f"admin API key (shown once; also saved for the CLI in "
                           f"{settings.home / 'client.json'}):\n{key}", highlight=False, soft_wrap=True)
         console.print("Ctrl-C stops it.")
+        supervisor = supervise(settings, procs)
         try:
-            while all(p.poll() is None for p in procs):
-                time.sleep(1)
-            dead = next(p for p in procs if p.poll() is not None)
-            fail(f"{'API' if dead is procs[0] else 'worker'} exited with code {dead.returncode}; "
-                 f"see {settings.home / 'logs'}", 1)
+            while True:
+                supervisor.poll()
+                time.sleep(0.5)
         except KeyboardInterrupt:
             console.print("stopping")
         finally:
-            stop(procs)
+            stop(supervisor.processes())
+
+
+def supervise(settings, procs: list[subprocess.Popen]):  # noqa: ANN001, ANN201 - service.supervisor.Supervisor
+    """A supervisor of the stack's API and worker (`procs` as start_stack returns them) that restarts either when
+    it exits, logging to the console with the time."""
+    from service.supervisor import Child, Supervisor
+
+    logs = settings.home / "logs"
+    supervisor = Supervisor([Child("API", lambda: start_api(settings, logs / "api.log")),
+                             Child("worker", lambda: start_worker(settings, logs / "worker.log"))],
+                            log=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False))
+    supervisor.adopt("API", procs[0])
+    supervisor.adopt("worker", procs[1])
+    return supervisor
 
 
 DEMO_DEVICE = "this-cpu"

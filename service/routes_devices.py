@@ -7,13 +7,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.contracts import PROFILE_TASK, profile_queue
 from service.deps import DeviceId, KeyDep, SessionDep, StateDep, owned
 from service.engine_info import EngineInputError, check_arch
 from service.errors import COMMON, WITH_ID, error_responses
 from service.jsonbody import StrictRoute
 from service.models import Device, Predictor
 from service.schemas import DeviceCreate, DeviceOut, PredictorOut, ProfileRequest
-from workers.celery_app import PROFILE_TASK, profile_queue
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], route_class=StrictRoute, responses=COMMON)
 
@@ -26,11 +26,13 @@ def tenant_device(session: Session, tenant_id: int, device_id: int) -> Device:
 @router.post("", status_code=201, response_model=DeviceOut,
              responses=error_responses(409, s409="a device of that name exists"))
 async def create_device(body: DeviceCreate, key: KeyDep, session: SessionDep) -> Device:
-    """Register a device; its profiling runs on queue profile.<name>."""
-    device = Device(tenant_id=key.tenant_id, name=body.name, spec=body.spec(), queue=profile_queue(body.name),
+    """Register a device; its profiling runs on its own queue, `queue` in the answer (profile.device-<id>)."""
+    device = Device(tenant_id=key.tenant_id, name=body.name, spec=body.spec(), queue="",
                     latency_budget_ms=body.latency_budget_ms)
     session.add(device)
     try:
+        session.flush()
+        device.queue = profile_queue(device.id)
         session.commit()
     except IntegrityError:
         session.rollback()

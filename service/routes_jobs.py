@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.contracts import PRUNE_TASK
 from service.datasets import check_dataset, dataset_shape
 from service.deps import MAX_ID, JobId, KeyDep, SessionDep, StateDep, app_state, owned
 from service.engine_info import EngineInputError, check_arch, validate_params
@@ -23,7 +24,6 @@ from service.jsonbody import StrictRoute
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, utcnow
 from service.routes_models import tenant_model
 from service.schemas import Budget, JobCreate, JobOut, JobPage, JobState
-from workers.celery_app import PRUNE_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictRoute, responses=COMMON)
 SSE_POLL_S = 0.5

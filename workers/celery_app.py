@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from celery import Celery, bootsteps
 from kombu import Queue
 
+from service.contracts import PRUNE_TASK, broker_conf
 from service.settings import Settings, get_settings
-from workers.sqla_broker import transport_and_url
-
-PRUNE_TASK = "prune.run"
-PROFILE_TASK = "profile.run"
-MEASURE_TASK = "profile.measure"
-
-
-def profile_queue(device_name: str) -> str:
-    """The queue a device's own workers consume (profiling and re-measuring run on that hardware)."""
-    return f"profile.{device_name}"
 
 
 class DeviceQueues(bootsteps.StartStopStep):
-    """Consumer step of the one-machine worker: also consume profile.<device> of every registered device.
+    """Consumer step of the one-machine worker: also consume the profile queue of every registered device.
 
     Devices registered after the worker started are picked up within `SYNC_S` seconds.
     """
@@ -61,59 +51,20 @@ class DeviceQueues(bootsteps.StartStopStep):
             self.known.add(queue)
 
 
-def sqlite_broker_options(broker_url: str) -> dict:
-    """Transport options for kombu's SQLAlchemy transport on SQLite: connections in WAL mode with
-    synchronous=NORMAL (kombu opens its own; with SQLite's defaults every published message costs several
-    fsyncs, 10-20 ms here). A power loss may drop the last messages; a crashed process loses nothing."""
-    import sqlite3
-
-    from sqlalchemy.engine import make_url
-
-    path = make_url(broker_url.removeprefix("sqla+")).database
-    if not path or path == ":memory:":
-        return {}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    return {"creator": connect}
-
-
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app for `settings` (broker URL, queue names, visibility timeout)."""
-    transport, broker_url = transport_and_url(settings.broker_url)
-    app = Celery("latprune", broker=broker_url, set_as_current=False, include=["workers.tasks"])
-    # kombu's SQLAlchemy transport hands every transport option to create_engine() and has no visibility
-    # timeout (unacked messages are restored when the worker shuts down); Redis redelivers after it.
-    if settings.broker_url.startswith("sqla+sqlite"):
-        transport_options = sqlite_broker_options(settings.broker_url)
-    elif settings.is_embedded_broker:
-        transport_options = {}
-    else:
-        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+    """The workers' Celery app for `settings` (broker and queues from service.contracts)."""
+    app = Celery("latprune", set_as_current=False, include=["workers.tasks"])
     app.conf.update(
-        broker_transport=transport,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
+        broker_conf(settings),
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
         task_default_queue=settings.prune_queue,
         task_queues=[Queue(settings.prune_queue)],
         task_create_missing_queues=True,
         task_routes={PRUNE_TASK: {"queue": settings.prune_queue}},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        task_send_sent_event=False,
     )
     if settings.worker_all_device_queues:
         app.steps["consumer"].add(DeviceQueues)

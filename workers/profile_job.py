@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from service.contracts import PRUNE_TASK
 from service.db import session_factory
 from service.deps import Dispatcher
 from service.models import Artifact, Device, Job, JobEvent, LatencySample, Predictor, Subnet, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore, sha256_file
-from workers.celery_app import PRUNE_TASK
 from workers.cohort_job import load_latency_model, ready_predictor
+from workers.dbretry import retry_db
 from workers.prune_job import MEASURING, finish, job_work_dir, waiting_jobs
 
 if TYPE_CHECKING:
@@ -41,10 +42,10 @@ def run_profile(settings: Settings, predictor_id: int, dispatch: Dispatcher) -> 
         predictor = session.get(Predictor, predictor_id, with_for_update=True)
         if predictor is None or predictor.state in ("ready", "failed"):
             return predictor.state if predictor else "missing"
-        predictor.attempts += 1
-        if predictor.attempts > settings.max_attempts:
+        if predictor.attempts >= settings.max_attempts:
             return _fail(session, predictor, f"the worker profiling this device was lost "
-                                             f"{predictor.attempts - 1} times; giving up", dispatch)
+                                             f"{predictor.attempts} times; giving up", dispatch)
+        predictor.attempts += 1
         predictor.state = "running"
         device = session.get(Device, predictor.device_id)
         arch, resolution, n_samples = predictor.arch, predictor.resolution, predictor.samples_requested
@@ -57,8 +58,8 @@ def run_profile(settings: Settings, predictor_id: int, dispatch: Dispatcher) -> 
         with sessions.begin() as session:
             return _fail(session, session.get(Predictor, predictor_id), message, dispatch)
     try:
-        return _store_predictor(settings, sessions, store, predictor_id, device, arch, (result, stem, meta, samples),
-                                dispatch)
+        return retry_db(f"storing predictor {predictor_id}", lambda: _store_predictor(
+            settings, sessions, store, predictor_id, device, arch, (result, stem, meta, samples), dispatch))
     except Exception as exc:
         log.exception("storing predictor %s failed", predictor_id)
         with sessions.begin() as session:

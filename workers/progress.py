@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.models import Job, JobEvent
+from workers.dbretry import is_outage
+
+log = logging.getLogger(__name__)
 
 
 def _finite(value: object) -> float | None:
@@ -49,9 +54,15 @@ class JobProgress:
         for key in ("epoch", "loss", "cost"):
             if data[key] is not None:
                 values[key] = data[key]
-        with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
-            session.add(JobEvent(job_id=self.job_id, kind="progress", data=data))
+        try:
+            with self.sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+                session.add(JobEvent(job_id=self.job_id, kind="progress", data=data))
+        except DBAPIError as exc:
+            if not is_outage(exc):
+                raise
+            # Progress is advisory: the run goes on through a database restart and the next event catches up.
+            log.warning("progress of job %s not stored: database unreachable", self.job_id)
 
 
 class CancelFlag:
@@ -69,7 +80,12 @@ class CancelFlag:
         now = self.clock()
         if now - self.last_read >= self.interval_s:
             self.last_read = now
-            with self.sessions() as session:
-                job = session.get(Job, self.job_id)
-                self.cancelled = bool(job is None or job.cancel_requested)
+            try:
+                with self.sessions() as session:
+                    job = session.get(Job, self.job_id)
+                    self.cancelled = bool(job is None or job.cancel_requested)
+            except DBAPIError as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("cancel flag of job %s not read: database unreachable", self.job_id)
         return self.cancelled

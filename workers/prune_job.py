@@ -15,12 +15,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK
 from service.db import session_factory
 from service.deps import Dispatcher
 from service.models import TERMINAL_STATES, Device, Job, JobEvent, Model, Predictor, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK
+from workers.dbretry import retry_db
 from workers.progress import CancelFlag, JobProgress
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,20 @@ def run_job(settings: Settings, job_id: int, dispatch: Dispatcher) -> str:
     sessions = session_factory(settings.database_url)
     store = ArtifactStore(settings.artifact_dir)
     follow_ups: list[tuple[str, list, str]] = []
-    with sessions.begin() as session:
-        started = _start(session, settings, job_id, follow_ups)
-        job = session.get(Job, job_id)
-        state = job.state if job is not None else "missing"
+
+    def start() -> tuple[Started | None, str]:
+        follow_ups.clear()
+        with sessions.begin() as session:
+            started = _start(session, settings, job_id, follow_ups)
+            job = session.get(Job, job_id)
+            return started, job.state if job is not None else "missing"
+
+    started, state = retry_db(f"starting job {job_id}", start)
     for task in follow_ups:
         dispatch(*task)
     if started is None:
+        if state in ("failed", "cancelled"):  # e.g. given up after lost workers: their checkpoints are no use now
+            store.delete_tree(job_work_dir(job_id))
         return state
     return _run(settings, sessions, store, started, dispatch)
 
@@ -126,11 +134,12 @@ def _start(session: Session, settings: Settings, job_id: int, follow_ups: list) 
                                                                     "resolutions": missing}))
             return None
         predictor = found.get(resolution) or found[resolutions[0]]
-    job.attempts += 1
-    if job.attempts > settings.max_attempts:
-        finish(session, job, "failed", f"the worker running this job was lost {job.attempts - 1} times "
+    # Every start counts, so a start that finds max_attempts already used means that many workers died running it.
+    if job.attempts >= settings.max_attempts:
+        finish(session, job, "failed", f"the worker running this job was lost {job.attempts} times "
                                        "(killed or out of memory); giving up")
         return None
+    job.attempts += 1
     job.state, job.stage, job.error = "running", "starting", None
     job.started_at = job.started_at or utcnow()
     session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "attempt": job.attempts}))
@@ -215,17 +224,20 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
         log.exception("job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
     try:
-        needs_measure = started.device is not None if cohort else persist_results(sessions, store, started, report,
-                                                                                   work / "out")
+        needs_measure = started.device is not None if cohort else retry_db(
+            f"storing job {started.job_id}", lambda: persist_results(sessions, store, started, report, work / "out"))
     except Exception as exc:
         log.exception("storing the results of job %s failed", started.job_id)
         return _end(sessions, store, started.job_id, "failed",
                     f"internal error while storing results: {type(exc).__name__}: {exc}")
     if needs_measure:
-        with sessions.begin() as session:
-            job = session.get(Job, started.job_id)
-            job.stage, job.report = MEASURING, report
-            session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "stage": MEASURING}))
+        def measuring() -> None:
+            with sessions.begin() as session:
+                job = session.get(Job, started.job_id)
+                job.stage, job.report = MEASURING, report
+                session.add(JobEvent(job_id=job.id, kind="state", data={"state": "running", "stage": MEASURING}))
+
+        retry_db(f"marking job {started.job_id} measuring", measuring)
         dispatch(MEASURE_TASK, [started.job_id, started.device.id], started.device.queue)
         return "running"
     return _end(sessions, store, started.job_id, "succeeded", report=report)
@@ -233,11 +245,14 @@ def _run(settings: Settings, sessions: sessionmaker[Session], store: ArtifactSto
 
 def _end(sessions: sessionmaker[Session], store: ArtifactStore, job_id: int, state: str, error: str | None = None,
          report: dict | None = None) -> str:
-    with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if report is not None:
-            job.report = report
-        finish(session, job, state, error)
+    def write() -> None:
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if report is not None:
+                job.report = report
+            finish(session, job, state, error)
+
+    retry_db(f"finishing job {job_id}", write)
     store.delete_tree(job_work_dir(job_id))
     return state
 

@@ -25,14 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, sqlite_broker_options
 from service.db import session_factory
 from service.deps import Dispatcher
 from service.models import Device, Job, Predictor
 from service.settings import Settings
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, sqlite_broker_options
 from workers.prune_job import MEASURING
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,30 @@ def lock_held(settings: Settings, name: str) -> bool:
     return False
 
 
+def _broker_engine(broker_url: str) -> Engine:
+    options = sqlite_broker_options(broker_url) if broker_url.startswith("sqla+sqlite") else {}
+    return create_engine(broker_url.removeprefix("sqla+"), **options)
+
+
+def purge_delivered(broker_url: str) -> int:
+    """Delete the embedded broker's delivered messages (invisible rows); returns how many.
+
+    A delivered message is never delivered again by kombu, so its row only matters to the worker holding it, which
+    keeps the message itself in memory. The rows of a killed worker's messages would stay for good.
+    """
+    engine = _broker_engine(broker_url)
+    try:
+        with engine.begin() as conn:
+            return conn.execute(text("DELETE FROM kombu_message WHERE NOT visible")).rowcount
+    except OperationalError:  # no tables yet: kombu creates them on first use
+        return 0
+    finally:
+        engine.dispose()
+
+
 def pending_tasks(broker_url: str) -> set[tuple[str, int]]:
     """(task name, first argument) of every message still waiting in the embedded broker's queues."""
-    options = sqlite_broker_options(broker_url) if broker_url.startswith("sqla+sqlite") else {}
-    engine = create_engine(broker_url.removeprefix("sqla+"), **options)
+    engine = _broker_engine(broker_url)
     try:
         with engine.connect() as conn:
             payloads = conn.execute(text("SELECT payload FROM kombu_message WHERE visible")).scalars().all()
@@ -135,4 +155,7 @@ def recover_lost_tasks(settings: Settings, dispatch: Dispatcher) -> int:
     for task, args, queue, _ in lost:
         log.warning("publishing %s%s again on %s: its task was lost with a killed worker", task, args, queue)
         dispatch(task, args, queue)
+    purged = purge_delivered(settings.broker_url)
+    if purged:
+        log.info("deleted %d delivered messages left in the broker by stopped workers", purged)
     return len(lost)

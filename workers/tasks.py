@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_ready
 
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK
 from service.db import dispose_engines
 from service.settings import get_settings
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, app
+from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 # What a task answers when another live process already runs its job (a duplicate; see workers.recovery).
@@ -35,6 +39,23 @@ def _dispatch(task: str, args: list, queue: str) -> None:
     app.send_task(task, args=args, queue=queue)
 
 
+@contextmanager
+def requeue_on_database_outage(what: str) -> Iterator[None]:
+    """A task that could not reach the database for longer than workers.dbretry waits goes back to the broker
+    instead of ending (acknowledged) with its job left unfinished."""
+    from sqlalchemy.exc import DBAPIError
+
+    from workers.dbretry import is_outage
+
+    try:
+        yield
+    except DBAPIError as exc:
+        if not is_outage(exc):
+            raise
+        log.error("database unreachable during %s; handing the task back to the broker", what)
+        raise Reject(exc, requeue=True) from exc
+
+
 @app.task(name=PRUNE_TASK)
 def prune_run(job_id: int) -> str:
     """Run one pruning job (resumes from its checkpoints when redelivered)."""
@@ -42,7 +63,7 @@ def prune_run(job_id: int) -> str:
     from workers.recovery import task_lock
 
     settings = get_settings()
-    with task_lock(settings, f"job-{int(job_id)}") as mine:
+    with requeue_on_database_outage(f"job {job_id}"), task_lock(settings, f"job-{int(job_id)}") as mine:
         return run_job(settings, int(job_id), _dispatch) if mine else DUPLICATE
 
 
@@ -53,7 +74,8 @@ def profile_run(predictor_id: int) -> str:
     from workers.recovery import task_lock
 
     settings = get_settings()
-    with task_lock(settings, f"predictor-{int(predictor_id)}") as mine:
+    with requeue_on_database_outage(f"profiling {predictor_id}"), \
+            task_lock(settings, f"predictor-{int(predictor_id)}") as mine:
         return run_profile(settings, int(predictor_id), _dispatch) if mine else DUPLICATE
 
 
@@ -64,5 +86,5 @@ def profile_measure(job_id: int, device_id: int) -> str:
     from workers.recovery import task_lock
 
     settings = get_settings()
-    with task_lock(settings, f"measure-{int(job_id)}") as mine:
+    with requeue_on_database_outage(f"measuring job {job_id}"), task_lock(settings, f"measure-{int(job_id)}") as mine:
         return run_measure(settings, int(job_id), int(device_id)) if mine else DUPLICATE

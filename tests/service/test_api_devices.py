@@ -12,7 +12,7 @@ def test_register_and_list(env):
                                                                "latency_budget_ms": 3.5})
     assert r.status_code == 201, r.text
     device = r.json()
-    assert device["queue"] == "profile.edge-1" and device["spec"]["threads"] == 2
+    assert device["queue"] == f"profile.device-{device['id']}" and device["spec"]["threads"] == 2
     assert device["latency_budget_ms"] == 3.5 and device["fingerprint"] is None
     assert [d["name"] for d in env.client.get("/v1/devices", headers=headers).json()] == ["edge-1"]
     assert env.client.get(f"/v1/devices/{device['id']}", headers=headers).json()["name"] == "edge-1"
@@ -38,7 +38,7 @@ def test_profile_queues_on_device_queue(env):
     assert r.status_code == 202, r.text
     predictor = r.json()
     assert predictor["state"] == "queued" and predictor["resolution"] == 32
-    assert env.recorder.sent[-1] == ("profile.run", [predictor["id"]], "profile.cpu1")
+    assert env.recorder.sent[-1] == ("profile.run", [predictor["id"]], device["queue"])
     with session_scope(env.database_url) as s:
         row = s.get(Predictor, predictor["id"])
         row.state, row.metrics = "ready", {"mape": 0.04}

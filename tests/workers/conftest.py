@@ -139,12 +139,12 @@ def make_stack(home: Path, database_url: str, broker_url: str, queues: str,
 
 @pytest.fixture(scope="module")
 def redis_stack(tmp_path_factory, request) -> Iterator[Stack]:
-    """PostgreSQL + Redis (the production set-up), worker on queues prune and profile.e2e."""
+    """PostgreSQL + Redis (the production set-up), worker on queue prune and every device's profile queue."""
     schema = request.getfixturevalue("postgres_schema")
     broker = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
     redis.Redis.from_url(broker).flushdb()
-    yield from make_stack(tmp_path_factory.mktemp("redis-stack"), postgres_schema_url(schema), broker,
-                          "prune,profile.e2e")
+    yield from make_stack(tmp_path_factory.mktemp("redis-stack"), postgres_schema_url(schema), broker, "prune",
+                          {"LATPRUNE_WORKER_ALL_DEVICE_QUEUES": "1"})
 
 
 @pytest.fixture(scope="module")

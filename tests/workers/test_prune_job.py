@@ -54,10 +54,28 @@ def _state(settings: Settings, job_id: int) -> Job:
 
 def test_job_fails_after_max_attempts(settings):
     job_id = _job(settings, {"kind": "flops", "value": 0.5}, state="running", attempts=3)
+    work = ArtifactStore(settings.artifact_dir).resolve(job_work_dir(job_id))
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "dense.pt").write_bytes(b"x")
     sent = []
     assert run_job(settings, job_id, lambda *a: sent.append(a)) == "failed"
     job = _state(settings, job_id)
-    assert "lost 3 times" in job.error and job.attempts == 4 and sent == []
+    # Three starts, three lost workers: the counter says 3, and the dead runs' checkpoints are gone.
+    assert "lost 3 times" in job.error and job.attempts == 3 and sent == []
+    assert not work.exists()
+
+
+def test_profiling_fails_after_max_attempts(settings):
+    job_id = _job(settings, {"kind": "latency_ms", "value": 10.0})
+    sent: list = []
+    run_job(settings, job_id, lambda *a: sent.append(a))
+    predictor_id = sent[0][1][0]
+    with session_scope(settings.database_url) as s:
+        s.get(Predictor, predictor_id).attempts = 3
+    assert run_profile(settings, predictor_id, lambda *a: sent.append(a)) == "failed"
+    with session_scope(settings.database_url) as s:
+        predictor = s.get(Predictor, predictor_id)
+        assert predictor.attempts == 3 and "lost 3 times" in predictor.error
 
 
 def test_finished_or_cancelled_jobs_are_not_rerun(settings):

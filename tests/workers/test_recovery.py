@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import text
 
 from service.auth import create_key
+from service.contracts import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, make_producer
 from service.db import dispose_engines, session_scope
 from service.migrate import upgrade
 from service.models import Device, Job, Predictor
 from service.settings import Settings
 from tests.workers.conftest import Stack, wait_for
-from workers.celery_app import MEASURE_TASK, PROFILE_TASK, PRUNE_TASK, make_celery
 from workers.prune_job import AWAITING_PREDICTOR, MEASURING
 from workers.recovery import lock_held, lost_tasks, pending_tasks, recover_lost_tasks, task_lock
 
@@ -54,7 +54,7 @@ def test_lost_tasks_are_the_unfinished_ones_with_no_message_and_no_lock(settings
         s.add_all([profiling, ready])
         s.flush()
         device_id, device_queue, profiling_id = device.id, device.queue, profiling.id
-    celery = make_celery(settings)
+    celery = make_producer(settings)
     celery.send_task(PRUNE_TASK, args=[waiting_in_broker], queue="prune")
     celery.send_task(PRUNE_TASK, args=[worker_killed], queue="prune")
     # A worker took worker_killed's message and died holding it: kombu leaves it invisible for good.
@@ -110,3 +110,20 @@ def test_job_of_a_killed_worker_runs_again_when_a_worker_starts(embedded_stack: 
     assert "again on prune" in stack.log_tail()
     subnets = stack.client.get(f"/v1/jobs/{job['id']}/subnets", headers=stack.headers).json()
     assert len(subnets) == 1 and len(subnets[0]["artifacts"]) == 3
+
+
+@pytest.mark.slow
+def test_poison_job_fails_after_three_runs_and_leaves_no_work_dir(embedded_stack: Stack):
+    stack = embedded_stack
+    job = stack.submit(epochs=60)
+    work = stack.settings.artifact_dir / "work" / "jobs" / str(job["id"])
+    for attempt in (1, 2, 3):  # each run kills its pool process, as a job that runs out of memory would
+        wait_for(lambda a=attempt: (j := stack.job(job["id"]))["attempts"] == a and j["progress"] > 0.01, 120,
+                 f"run {attempt} to make progress; worker log:\n{stack.log_tail()}")
+        assert work.exists()
+        (child,) = stack.worker_children()
+        os.kill(child, signal.SIGKILL)
+    done = stack.wait_state(job["id"], ("succeeded", "failed", "cancelled"), timeout_s=120)
+    assert done["state"] == "failed" and "lost 3 times" in done["error"]
+    assert done["attempts"] == 3  # three runs, not four
+    assert not work.exists()  # the dead runs' checkpoints are of no use to anyone now

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from service.client import Client, load_client_config
-from tests.workers.conftest import ROOT, wait_for
+from tests.workers.conftest import ROOT, TINY_JOB, wait_for
 
 LATPRUNE = str(Path(sys.executable).parent / "latprune")
 
@@ -94,12 +95,12 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
             rows = client.predictors(device["id"])
             return rows[0]["state"] in ("ready", "failed") and rows[0]
 
-        done = wait_for(finished, 120, f"profiling on profile.here; worker log:\n"
+        done = wait_for(finished, 120, f"profiling on {device['queue']}; worker log:\n"
                                         f"{(tmp_path / 'logs' / 'worker.log').read_text()[-2000:]}")
         assert done["id"] == predictor["id"] and done["state"] == "ready", done["error"]
     finally:
         _stop(proc, out)
-    assert "Started consuming from profile.here" in (tmp_path / "logs" / "worker.log").read_text()
+    assert f"Started consuming from {device['queue']}" in (tmp_path / "logs" / "worker.log").read_text()
 
     # A second start keeps the database and the saved key, and prints no new key.
     again = tmp_path / "up2.out"
@@ -133,3 +134,46 @@ def test_demo_runs_end_to_end(tmp_path):
     assert session.get_inputs()[0].shape == [1, 3, 16, 16]
     with socket.socket() as s:  # the stack the demo started is gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _celery_pid(up: subprocess.Popen) -> int:
+    return next(pid for pid in _children(up) if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes())
+
+
+@pytest.mark.slow
+def test_up_restarts_a_killed_worker_and_api(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "up.out"
+    proc = _start_up(tmp_path, port, out)
+    try:
+        saved = load_client_config(tmp_path)
+        client = Client(saved["url"], saved["api_key"])
+        job = client.submit({**TINY_JOB, "epochs": 12})
+        wait_for(lambda: client.job(job["id"])["progress"] > 0.1, 120, "the job to make progress")
+        worker = _celery_pid(proc)
+        pool = [int(p) for p in subprocess.run(["pgrep", "-P", str(worker)], capture_output=True,
+                                               text=True).stdout.split()]
+        for pid in (worker, *pool):  # the whole worker, as the kernel's OOM killer or `kill -9` would
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "restarted worker" in out.read_text(), 30, "latprune up to restart its worker")
+        done = wait_for(lambda: (j := client.job(job["id"]))["state"] in ("succeeded", "failed") and j, 180,
+                        f"the job to end; worker log:\n{(tmp_path / 'logs' / 'worker.log').read_text()[-2000:]}")
+        assert done["state"] == "succeeded" and done["attempts"] == 2, done["error"]
+
+        api = next(pid for pid in _children(proc) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(api, signal.SIGKILL)
+        wait_for(lambda: "restarted API" in out.read_text(), 30, "latprune up to restart its API")
+        assert wait_for(lambda: _answers(client, job["id"]), 60, "the restarted API to answer")
+        assert proc.poll() is None
+        assert "worker exited with code -9; restarting it in 1 s" in out.read_text()
+    finally:
+        _stop(proc, out)
+
+
+def _answers(client: Client, job_id: int) -> bool:
+    try:
+        return client.job(job_id)["state"] == "succeeded"
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
