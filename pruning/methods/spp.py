@@ -113,13 +113,16 @@ class ProbabilitySchedule(Regularizer):
         return [p == 1 for p in self.probabilities]
 
     def finisher_scores(self, l1: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Scores on one scale for the finisher: p = 1 channels last, then by 1 - p, ties by (normalized) L1."""
-        out = []
-        for p, score in zip(self.probabilities, l1, strict=True):
-            relative = score.double() / score.double().mean().clamp_min(1e-12)
-            # Below 1e-9 the L1 term cannot reorder distinct probabilities (increments are far larger).
-            tie_break = 1e-9 * relative / (1.0 + relative)
-            out.append(torch.where(p == 1, -1.0 + tie_break, 1.0 - p + tie_break).float())
+        """Scores on one scale for the finisher: every channel's place in one order over all groups, p = 1 channels
+        first, then by descending p, ties by L1 normalized by its group's mean (the finisher trims the lowest)."""
+        units = [(bool(p[c] < 1), -float(p[c]), float(rel[c]), g, c)
+                 for g, (p, score) in enumerate(zip(self.probabilities, l1, strict=True))
+                 for rel in [score.double() / score.double().mean().clamp_min(1e-12)] for c in range(len(p))]
+        # Places, not values: a float32 score could not tell 1 - p apart from 1 - p' (or from an L1 tie-break)
+        # for probabilities closer than its resolution.
+        out = [torch.zeros(len(p)) for p in self.probabilities]
+        for place, (*_, g, c) in enumerate(sorted(units)):
+            out[g][c] = float(place)
         return out
 
 
