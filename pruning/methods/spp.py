@@ -58,13 +58,18 @@ def planned_updates(prune_counts: Sequence[int], scale: float, center_share: flo
     return max(needed, default=0)
 
 
-def planned_interval(params: Any, prune_counts: Sequence[int], total_steps: int) -> int:
-    """params.interval_steps, or (fit_to_epochs) the longest interval <= it that fits the planned updates into
-    schedule_share of the training steps (at least 1: the finisher removes what a short run does not reach)."""
+def planned_schedule(params: Any, prune_counts: Sequence[int], total_steps: int) -> tuple[int, float]:
+    """(interval in steps, increment scale A): the params' own, or (fit_to_epochs) the longest interval <= t that
+    fits the planned updates into schedule_share of the training steps; where even one update per step is too few,
+    A grows (to at most 1) so that the planned updates fit, the increments keeping their shape."""
     updates = planned_updates(prune_counts, params.increment_scale, params.center_share)
     if not params.fit_to_epochs or updates == 0:
-        return params.interval_steps
-    return max(1, min(params.interval_steps, math.floor(params.schedule_share * total_steps / updates)))
+        return params.interval_steps, params.increment_scale
+    available = max(1, math.floor(params.schedule_share * total_steps))
+    if updates <= available:
+        return min(params.interval_steps, available // updates), params.increment_scale
+    # The number of updates needed is ~1/A (Delta is proportional to A), so A scales by updates / available.
+    return 1, min(1.0, params.increment_scale * updates / available)
 
 
 class ProbabilitySchedule(Regularizer):
@@ -210,8 +215,8 @@ def run(ctx: MethodContext) -> Selection:
     p = ctx.params
     model = copy.deepcopy(ctx.model).to(ctx.device)
     prune_counts = allocate(ctx, model)
-    interval = planned_interval(p, prune_counts, ctx.epochs * len(ctx.train_loader))
-    schedule = ProbabilitySchedule(ctx.graph, prune_counts, p.increment_scale, p.center_share, interval)
+    interval, scale = planned_schedule(p, prune_counts, ctx.epochs * len(ctx.train_loader))
+    schedule = ProbabilitySchedule(ctx.graph, prune_counts, scale, p.center_share, interval)
     masks = BernoulliMasks(model, schedule)
     try:
         result = train(model, ctx.train_loader, ctx.epochs, lr=ctx.lr, weight_decay=p.weight_decay,
@@ -227,7 +232,8 @@ def run(ctx: MethodContext) -> Selection:
         "prune_counts": schedule.prune_counts,
         "keep_counts": [int(m.sum()) for m in keep],
         "interval_steps": interval,
-        "planned_updates": planned_updates(prune_counts, p.increment_scale, p.center_share),
+        "increment_scale": scale,
+        "planned_updates": planned_updates(prune_counts, scale, p.center_share),
         "updates_done": schedule.updates_done,
         "done_at_step": schedule.done_at_step,
         "groups_done": sum(d >= 0 for d in schedule.done_at_step),

@@ -31,9 +31,11 @@ class SPPParams(MethodParams):
     allocation: Literal["global", "uniform"] = Field(
         "global", description="how the budget sets each group's share to remove: a global ranking of "
                               "layer-normalised L1 scores, or the same keep ratio in every group")
-    fit_to_epochs: bool = Field(True, description="shorten the interval (never below 1 step) so that the planned "
-                                                  "updates end within schedule_share of the job's steps; false: "
-                                                  "keep interval_steps, and the finisher removes what the "
+    fit_to_epochs: bool = Field(True, description="shorten the interval (never below 1 step), and where one "
+                                                  "update per step is still too few raise increment_scale (at "
+                                                  "most 1), so that the planned updates end within "
+                                                  "schedule_share of the job's steps; false: keep interval_steps "
+                                                  "and increment_scale, and the finisher removes what the "
                                                   "schedule did not reach")
     schedule_share: float = Field(0.75, gt=0, le=1, description="with fit_to_epochs, the share of the training "
                                                                 "steps the probabilities should reach 0/1 within; "

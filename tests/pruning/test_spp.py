@@ -217,18 +217,21 @@ def test_an_unfinished_schedule_leaves_the_finisher_scores_ranking_p1_last_then_
     assert all(torch.equal(k, p < 1) for k, p in zip(selection.keep_masks, schedule.probabilities, strict=True))
 
 
-def test_fit_to_epochs_shortens_the_interval_to_the_planned_updates():
+def test_fit_to_epochs_shortens_the_interval_then_scales_the_increments_to_the_planned_updates():
     params = SPPParams()
     counts = [3, 16]
     updates = spp.planned_updates(counts, 0.05, 0.25)
     assert updates == max(math.ceil(1 / float(spp.increments(k, torch.tensor([k - 1]), 0.05, 0.25)[0]))
                           for k in counts)
-    assert spp.planned_interval(params, counts, 10**7) == 180
-    interval = spp.planned_interval(params, counts, 4 * updates)
-    assert interval == 3 and interval * updates <= 0.75 * 4 * updates
-    assert spp.planned_interval(params, counts, 10) == 1
-    assert spp.planned_interval(SPPParams(fit_to_epochs=False), counts, 10) == 180
-    assert spp.planned_interval(params, [0, 0], 10) == 180
+    assert spp.planned_schedule(params, counts, 10**7) == (180, 0.05)
+    assert spp.planned_schedule(params, counts, 4 * updates) == (3, 0.05)  # 3 * updates <= 0.75 * steps
+    # Fewer steps than updates: one update per step, and A grows so the updates fit in 0.75 * 100 steps.
+    interval, scale = spp.planned_schedule(params, counts, 100)
+    assert interval == 1 and scale == pytest.approx(0.05 * updates / 75)
+    assert 70 <= spp.planned_updates(counts, scale, 0.25) <= 75
+    assert spp.planned_schedule(params, counts, 10) == (1, 1.0)  # A is at most 1
+    assert spp.planned_schedule(SPPParams(fit_to_epochs=False), counts, 10) == (180, 0.05)
+    assert spp.planned_schedule(params, [0, 0], 10) == (180, 0.05)
 
 
 class CancelAfter:
