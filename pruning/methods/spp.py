@@ -79,7 +79,8 @@ class ProbabilitySchedule(Regularizer):
     (clipped to [0, 1]). A group is done when `prune_counts[g]` channels have p = 1: its other channels are set
     to p = 0 (kept; the paper retrains them unpruned) and it is not updated again."""
 
-    state_fields = ("probabilities", "prune_counts", "updates_done", "done_at_step")
+    # The scale and interval are fixed before training, but kept with the state so a checkpoint is self-contained.
+    state_fields = ("probabilities", "prune_counts", "scale", "interval_steps", "updates_done", "done_at_step")
 
     def __init__(self, graph: ChannelGraph, prune_counts: Sequence[int], scale: float, center_share: float,
                  interval_steps: int):
@@ -102,10 +103,14 @@ class ProbabilitySchedule(Regularizer):
         for g, score in enumerate(scores):
             if self.done_at_step[g] >= 0:
                 continue
-            delta = increments(self.prune_counts[g], ascending_ranks(score), self.scale, self.center_share)
-            p = (self.probabilities[g] + delta).clamp(0.0, 1.0)
-            if int((p == 1).sum()) >= self.prune_counts[g]:
-                p = torch.where(p == 1, p, torch.zeros_like(p))
+            count, ranks = self.prune_counts[g], ascending_ranks(score)
+            p = (self.probabilities[g] + increments(count, ranks, self.scale, self.center_share)).clamp(0.0, 1.0)
+            at_one = p == 1
+            if int(at_one.sum()) >= count:
+                # Exactly `count` stay at 1: a channel already at 1 whose rank lands on the zero crossing (Delta = 0
+                # up to rounding) could make one more; the weakest by rank are the ones removed.
+                cutoff = ranks[at_one].sort().values[count - 1]
+                p = (at_one & (ranks <= cutoff)).to(torch.float64)
                 self.done_at_step[g] = step
             self.probabilities[g] = p
         self.updates_done += 1

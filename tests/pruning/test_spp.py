@@ -130,6 +130,18 @@ def test_probabilities_end_at_exactly_0_or_1_with_the_target_count_at_1_and_stop
     assert all(torch.equal(a, b) for a, b in zip(frozen, schedule.probabilities, strict=True))
 
 
+def test_a_finished_group_removes_exactly_its_count_even_when_the_zero_crossing_holds_one_more_at_1():
+    ctx = spp_context()
+    schedule = spp.ProbabilitySchedule(ctx.graph, [1, 4], 0.1, 0.25, interval_steps=1)
+    # Rank 0 reaches 1 now; the channel at rank 1 = R*N_g already sits at 1 and gets Delta = 0 (up to rounding).
+    assert abs(float(spp.increments(1, torch.tensor([1]), 0.1, 0.25)[0])) < 1e-15
+    schedule.probabilities[0] = torch.tensor([0.9, 1, 0, 0, 0.5, 0, 0, 0], dtype=torch.float64)
+    scores = [torch.arange(8.0), torch.arange(12.0)]
+    schedule.update(scores, step=7)
+    assert schedule.done_at_step[0] == 7
+    assert schedule.probabilities[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+
+
 def test_bernoulli_masks_keep_each_channel_with_probability_one_minus_p():
     ctx = spp_context()
     schedule = spp.ProbabilitySchedule(ctx.graph, [3, 4], 0.5, 0.25, interval_steps=1)
