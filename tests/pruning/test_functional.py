@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pruning.allocation import trim_masks
 from pruning.budget import Budget, BudgetCost, parse_budget
@@ -188,10 +189,12 @@ def test_merging_beats_removing_on_a_trained_network_before_fine_tuning():
     graph = ChannelGraph.build(model.eval(), (1, 1, 8, 8))
     cost = CostModel(graph)
     budget = BudgetCost(parse_budget("flops=0.5"), cost)
-    ctx = context(model, graph, cost, budget, train_loader)
+    # Calibration in a fixed order, so that the ablation below clusters the same images.
+    ctx = context(model, graph, cost, budget, DataLoader(splits.train, batch_size=64))
     ctx.val_loader = val_loader
     info = functional.run(ctx).info
-    assert info["accuracy_before_finetune_unmerged"] < info["accuracy_before_finetune"] - 0.05
+    assert info["accuracy_before_finetune"] > 0.5, info  # a trained network, so the comparison means something
+    assert info["accuracy_before_finetune_unmerged"] < info["accuracy_before_finetune"] - 0.05, info
     ctx.params = FunctionalParams(merge=False)
     ablation = functional.run(ctx).info
     assert ablation["accuracy_before_finetune"] == pytest.approx(info["accuracy_before_finetune_unmerged"])
