@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pruning import zoo
 from pruning.allocation import trim_masks
 from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
@@ -179,22 +180,25 @@ def small_digits_cnn() -> nn.Module:
 
 
 @pytest.mark.slow
-def test_merging_beats_removing_on_a_trained_network_before_fine_tuning():
-    # resnet20 on digits trains for minutes on a shared 2-core machine; a 3-layer CNN trains in seconds.
+@pytest.mark.parametrize(("arch", "epochs", "budget_text"), [("small_cnn", 6, "flops=0.5"),
+                                                             ("resnet20", 2, "flops=0.7")])
+def test_merging_beats_removing_on_a_trained_network_before_fine_tuning(arch, epochs, budget_text):
+    # resnet20: ~40 s on a quiet 2-core machine (0.93 dense, ~0.69 merged, ~0.18 removed); the 3-layer CNN trains
+    # in seconds (0.96 dense, ~0.79 merged, 0.10 removed).
     splits = load_dataset("builtin:digits", resolution=8)
     train_loader, val_loader, _ = make_loaders(splits, batch_size=64, seed=0)
     torch.manual_seed(0)
-    model = small_digits_cnn()
-    train(model, train_loader, 6, lr=0.05, device="cpu", seed=0)
+    model = small_digits_cnn() if arch == "small_cnn" else zoo.build_model(arch, splits.num_classes, 1)
+    train(model, train_loader, epochs, lr=0.05, device="cpu", seed=0)
     graph = ChannelGraph.build(model.eval(), (1, 1, 8, 8))
     cost = CostModel(graph)
-    budget = BudgetCost(parse_budget("flops=0.5"), cost)
+    budget = BudgetCost(parse_budget(budget_text), cost)
     # Calibration in a fixed order, so that the ablation below clusters the same images.
     ctx = context(model, graph, cost, budget, DataLoader(splits.train, batch_size=64))
     ctx.val_loader = val_loader
     info = functional.run(ctx).info
     assert info["accuracy_before_finetune"] > 0.5, info  # a trained network, so the comparison means something
-    assert info["accuracy_before_finetune_unmerged"] < info["accuracy_before_finetune"] - 0.05, info
+    assert info["accuracy_before_finetune_unmerged"] < info["accuracy_before_finetune"] - 0.1, info
     ctx.params = FunctionalParams(merge=False)
     ablation = functional.run(ctx).info
     assert ablation["accuracy_before_finetune"] == pytest.approx(info["accuracy_before_finetune_unmerged"])
