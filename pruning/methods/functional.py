@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +90,11 @@ class ConsumerStats:
     count: int = 0
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().double()
-        self.gram += (rows @ rows.T).cpu()
-        self.total += rows.sum(dim=1).cpu()
+        # One batch's products in float32 (half the memory of a float64 copy of a large activation), summed
+        # over batches in float64.
+        rows = rows.detach().float()
+        self.gram += (rows @ rows.T).double().cpu()
+        self.total += rows.sum(dim=1).double().cpu()
         self.count += rows.shape[1]
 
     def cosine(self) -> torch.Tensor:
@@ -161,11 +164,12 @@ def collect_stats(model: nn.Module, graph: ChannelGraph, ctx: MethodContext, sam
     """ConsumerStats of every consumer over the first `samples` training images (eval mode), cached in the
     method's checkpoint folder."""
     path = Path(ctx.checkpoint_dir) / STATS_FILE if ctx.checkpoint_dir is not None else None
+    sizes = consumer_sizes(model, graph)
     if path is not None and path.exists():
         saved = torch.load(path, weights_only=True)
-        if int(saved["samples"]) == samples:
+        if int(saved["samples"]) == samples and set(saved["layers"]) == set(sizes):
             return {name: ConsumerStats.from_state(state) for name, state in saved["layers"].items()}
-    recorder = StatsRecorder(model, consumer_sizes(model, graph))
+    recorder = StatsRecorder(model, sizes)
     seen = 0
     try:
         model.eval()
@@ -194,12 +198,14 @@ def cancel_point(ctx: MethodContext, where: str) -> None:
         raise Cancelled(f"functional cancelled during {where}")
 
 
+# (start, share) of the method's progress bar per phase: the calibration pass is most of the work.
+PHASE_SPAN = {"calibrate": (0.0, 0.5), "cluster": (0.5, 0.25), "merge": (0.75, 0.25)}
+
+
 def emit(ctx: MethodContext, phase: str, fraction: float, **extra) -> None:
-    """Progress in the method's span: calibration takes the first half, clustering and merging the rest."""
     if ctx.progress is not None:
-        offset = {"calibrate": 0.0, "cluster": 0.5, "merge": 0.75}[phase]
-        ctx.progress({"phase": phase, "fraction": offset + min(fraction, 1.0) * (0.5 if offset == 0 else 0.25),
-                      **extra})
+        start, share = PHASE_SPAN[phase]
+        ctx.progress({"phase": phase, "fraction": start + share * min(fraction, 1.0), **extra})
 
 
 class GroupTree:
@@ -226,7 +232,7 @@ class GroupTree:
         return int(self.labels(delta).max())
 
 
-def fit_threshold(trees: list[GroupTree], fits, iterations: int) -> float:
+def fit_threshold(trees: list[GroupTree], fits: Callable[[list[int]], bool], iterations: int) -> float:
     """The smallest threshold whose cluster counts fit the budget (0: only exact duplicates merge; MAX_DELTA
     when even the floors do not fit, and the finisher trims from there)."""
     def ok(delta: float) -> bool:
