@@ -3,6 +3,7 @@ to the budget, merging better than removing on a trained network, resume after c
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from pruning.budget import Budget, BudgetCost, parse_budget
 from pruning.cost import CostModel
 from pruning.data import load_dataset, make_loaders
 from pruning.groups import ChannelGraph
+from pruning.importance import L1Importance
 from pruning.methods import functional
 from pruning.methods.api import MethodContext, NotApplicable
 from pruning.methods.functional_params import FunctionalParams
@@ -97,6 +99,52 @@ def test_merging_through_a_flatten_is_exact():
     x = torch.randn(8, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(materialize(selection.model, graph, list(selection.keep_masks))(x), model(x), atol=1e-5)
+
+
+def plant_copy(model: nn.Module, group, src: int, dst: int) -> None:
+    """Make channel dst of `group` an exact copy of src at every producer (convs, depthwise convs, BNs)."""
+    with torch.no_grad():
+        for share in group.out_layers:
+            layer = model.get_submodule(share.layer)
+            layer.weight[dst] = layer.weight[src]
+            if layer.bias is not None:
+                layer.bias[dst] = layer.bias[src]
+        for share in group.norm_layers:
+            norm = model.get_submodule(share.layer)
+            for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+                tensor[dst] = tensor[src]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "group_index"), [("resnet20", 0), ("mobilenet_v2", 2), ("mobilenet_v2", 4)],
+                         ids=["resnet20-stream", "mobilenet_v2-depthwise", "mobilenet_v2-stream"])
+def test_copies_in_residual_streams_and_depthwise_groups_merge_exactly(arch, group_index):
+    torch.manual_seed(0)
+    # Default BNs: randomized ones saturate MobileNet's ReLU6 at 16 px until its output no longer depends on x.
+    model = zoo.build_model(arch, 10, 3).eval()
+    graph = ChannelGraph.build(model, (1, 3, 16, 16))
+    group = graph.groups[group_index]
+    plant_copy(model, group, 1, 3)
+    # This group's merges at threshold ~0 only: deep MobileNet layers at 16 px hold many channels that are constant
+    # on a small batch (ReLU6 saturated), whose exact merges would otherwise meet a budget before the planted pair.
+    ctx = context(model, graph, CostModel(graph), None, random_loader(16, batch=8, classes=10, resolution=16))
+    stats = functional.collect_stats(model, graph, ctx, 16)
+    tree = functional.GroupTree([stats[s.layer] for s in functional.consumers(model, group)], "complete", 1)
+    merged_into = functional.representatives(tree.labels(1e-9), L1Importance()(model, graph)[group_index], tree.alive)
+    assert merged_into.get(3) == 1 or merged_into.get(1) == 3
+    merged_model = copy.deepcopy(model)
+    functional.merge_group(merged_model, group, merged_into, stats, "mean_ratio")
+    masks = [torch.ones(size, dtype=torch.bool) for size in graph.sizes]
+    masks[group_index][list(merged_into)] = False
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        dense = model(x)
+        merged = materialize(merged_model, graph, masks).eval()(x)
+        removed = materialize(model, graph, masks).eval()(x)
+    # Relative to the logits' scale: torchvision's initial MobileNet answers ~1e-11.
+    scale = float(dense.abs().max())
+    assert float((merged - dense).abs().max()) <= 1e-5 * scale
+    assert float((removed - dense).abs().max()) > 1e-3 * scale
 
 
 def test_grouped_consumers_are_refused():
