@@ -279,6 +279,18 @@ def selection_scores(labels: np.ndarray, l1: torch.Tensor, merged: dict[int, int
     return scores
 
 
+def build_trees(ctx: MethodContext, model: nn.Module, stats: dict[str, ConsumerStats]) -> list[GroupTree]:
+    """Every group's clustering, with a progress event and a cancellation point per group."""
+    params: FunctionalParams = ctx.params
+    trees = []
+    for group in ctx.graph.groups:
+        cancel_point(ctx, "clustering")
+        floor = min(group.size, max(1, math.ceil(params.min_keep * group.size - 1e-9)))
+        trees.append(GroupTree([stats[s.layer] for s in consumers(model, group)], params.linkage, floor))
+        emit(ctx, "cluster", (group.index + 1) / len(ctx.graph.groups), group=group.index)
+    return trees
+
+
 def run(ctx: MethodContext) -> Selection:
     """Cluster, bisect the threshold to the budget, merge; the merged copy of the dense model and its masks."""
     params: FunctionalParams = ctx.params
@@ -286,16 +298,10 @@ def run(ctx: MethodContext) -> Selection:
     check(ctx.model, graph, params)
     model = copy.deepcopy(ctx.model).to(ctx.device).eval()
     stats = collect_stats(model, graph, ctx, params.calibration_samples)
-    trees = []
-    for group in graph.groups:
-        cancel_point(ctx, "clustering")
-        floor = min(group.size, max(1, math.ceil(params.min_keep * group.size - 1e-9)))
-        trees.append(GroupTree([stats[s.layer] for s in consumers(model, group)], params.linkage, floor))
-        emit(ctx, "cluster", (group.index + 1) / len(graph.groups), group=group.index)
+    trees = build_trees(ctx, model, stats)
     delta = fit_threshold(trees, ctx.budget.fits, params.bisect_iterations)
-    l1 = group_weight_norms(ctx.model, graph)
-    masks, scores, removed = [], [], 0
-    for group, tree, group_l1 in zip(graph.groups, trees, l1, strict=True):
+    masks, scores = [], []
+    for group, tree, group_l1 in zip(graph.groups, trees, group_weight_norms(ctx.model, graph), strict=True):
         cancel_point(ctx, "merging")
         labels = tree.labels(delta)
         merged = representatives(labels, group_l1, tree.alive)
@@ -305,14 +311,12 @@ def run(ctx: MethodContext) -> Selection:
         mask[list(merged)] = False
         masks.append(mask)
         scores.append(selection_scores(labels, group_l1, merged))
-        removed += len(merged)
         emit(ctx, "merge", (group.index + 1) / len(graph.groups), group=group.index)
-    model.cpu().eval()
-    chosen = model if params.merge else ctx.model
+    chosen = model.cpu().eval() if params.merge else ctx.model
+    counts = [int(m.sum()) for m in masks]
     info = {"delta": delta, "linkage": params.linkage, "scale": params.scale, "merged": params.merge,
-            "channels_removed": removed, "keep_counts": [int(m.sum()) for m in masks],
-            "calibration_samples": params.calibration_samples, "predicted_cost": ctx.budget.hard(
-                [int(m.sum()) for m in masks])}
+            "channels_removed": sum(graph.sizes) - sum(counts), "keep_counts": counts,
+            "calibration_samples": params.calibration_samples, "predicted_cost": ctx.budget.hard(counts)}
     if params.evaluate:
         info.update(accuracy_before_finetune(ctx, chosen, masks))
     return Selection(chosen, masks, scores, score_scale="per_group", round_to=params.round_to, info=info)
