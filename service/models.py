@@ -18,8 +18,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -211,3 +212,10 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def ready_predictor(session: Session, device_id: int, arch: str, resolution: int) -> Predictor | None:
+    """The newest ready predictor of the device for `arch` at `resolution` (the API and the workers ask this)."""
+    return session.scalar(select(Predictor).where(
+        Predictor.device_id == device_id, Predictor.arch == arch, Predictor.resolution == int(resolution),
+        Predictor.state == "ready").order_by(Predictor.id.desc()))

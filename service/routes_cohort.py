@@ -16,7 +16,7 @@ from service.deps import JobId, KeyDep, SessionDep, StateDep
 from service.engine_info import predict_member_latency
 from service.errors import COMMON, WITH_ID, error_responses
 from service.jsonbody import StrictRoute
-from service.models import Device, Job, Subnet
+from service.models import Device, Job, Subnet, ready_predictor
 from service.routes_jobs import tenant_job
 from service.routes_results import MACS, _tenant_device, as_member
 from service.schemas import LatencyOut
@@ -140,8 +140,6 @@ def predict_subnets(
     counts = _keep_counts(job)
     if not subnets or not counts:
         raise HTTPException(409, f"job {job.id} has no record of its subnets' channel counts")
-    from workers.cohort_job import ready_predictor
-
     resolutions = sorted({s.resolution for s in subnets})
     predictors = {r: ready_predictor(session, target.id, job.arch, r) for r in resolutions}
     missing = [r for r, p in predictors.items() if p is None]

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pruning.oracle import DeviceOracle
-from service.models import Artifact, Device, Predictor, Subnet
+from service.models import Artifact, Device, Predictor, Subnet, ready_predictor
 from service.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ def load_latency_model(store: ArtifactStore, device: Device, predictor: Predicto
         raise ValueError(f"predictor {predictor.id} of device {device.name!r} has no stored file")
     net, meta = load_predictor(store.resolve(predictor.path))
     return PredictOnly(LatencyModel(net, meta, DeviceSpec(**device.spec), resolution))
-
-
-def ready_predictor(session: Session, device_id: int, arch: str, resolution: int) -> Predictor | None:
-    """The newest ready predictor of the device for `arch` at `resolution`."""
-    return session.scalar(select(Predictor).where(
-        Predictor.device_id == device_id, Predictor.arch == arch, Predictor.resolution == int(resolution),
-        Predictor.state == "ready").order_by(Predictor.id.desc()))
 
 
 class DevicePredictors:

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 from service.contracts import PRUNE_TASK
 from service.db import session_factory
 from service.deps import Dispatcher
-from service.models import Artifact, Device, Job, JobEvent, LatencySample, Predictor, Subnet, utcnow
+from service.models import Artifact, Device, Job, JobEvent, LatencySample, Predictor, Subnet, ready_predictor, utcnow
 from service.settings import Settings
 from service.storage import ArtifactStore, sha256_file
-from workers.cohort_job import load_latency_model, ready_predictor
+from workers.cohort_job import load_latency_model
 from workers.dbretry import retry_db
 from workers.prune_job import MEASURING, finish, job_work_dir, waiting_jobs
 

@@ -278,7 +278,7 @@ def persist_results(sessions: sessionmaker[Session], store: ArtifactStore, start
 def _subnet_latency(session: Session, store: ArtifactStore, started: Started, report: dict) -> tuple[dict, bool]:
     """{device name: {predicted_ms, measured_ms}} for the budget device and every device with a fitting predictor,
     and whether the budget device still has to measure (this worker is not that device)."""
-    from workers.cohort_job import ready_predictor
+    from service.models import ready_predictor
     from workers.device_latency import load_device_latency, predict_counts_ms
 
     out: dict[str, dict] = {}
