@@ -164,7 +164,7 @@ def test_cli_admin_and_db(cli, live, tmp_path, monkeypatch):
     monkeypatch.setenv("LATPRUNE_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
     assert "empty" in cli("db", "current").output
     r = cli("db", "upgrade")
-    assert r.exit_code == 0 and "0001" in r.output
+    assert r.exit_code == 0 and "0002_device_queue" in r.output
 
 
 def test_many_concurrent_requests_do_not_exhaust_the_pool(live, key):
