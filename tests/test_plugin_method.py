@@ -63,6 +63,7 @@ def test_the_api_lists_the_example_and_validates_its_params(plugin, env):  # noq
     assert bad.status_code == 422 and "seed_offset" in bad.text
 
 
+@pytest.mark.slow
 def test_the_cli_lists_and_runs_the_example(plugin, tmp_path):
     listed = latprune(["methods"], plugin, tmp_path)
     assert listed.returncode == 0 and NAME in listed.stdout, listed.stderr[-2000:]

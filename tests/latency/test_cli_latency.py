@@ -38,6 +38,7 @@ def test_device_add_list_and_errors(home):
     assert no_profile.exit_code != 0 and "no profile" in no_profile.output
 
 
+@pytest.mark.slow
 def test_profile_fit_eval_and_load_for_the_engine(home, tmp_path):
     assert invoke("device", "add", "cpu1", "--resolution", "16").exit_code == 0
     bad_arch = invoke("profile", "--device", "cpu1", "--arch", "nosuchnet", "--samples", "3")

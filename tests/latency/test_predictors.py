@@ -17,6 +17,7 @@ from tests.latency.conftest import QUICK_PLAN
 SMALL = FitConfig(hidden=(16, 16), max_epochs=60, patience=15, members=2)
 
 
+@pytest.mark.slow
 def test_one_predictor_covers_several_resolutions(tmp_path):
     home = LatencyHome(tmp_path)
     spec = make_device(name="cpu1", resolutions=[12, 16])
@@ -52,6 +53,7 @@ def test_one_predictor_covers_several_resolutions(tmp_path):
     assert 0.7 < readings["dense"]["ratio"] < 1.4 and readings["tiny"]["ratio"] < 0.8 * readings["dense"]["ratio"]
 
 
+@pytest.mark.slow
 def test_torch_runtime_profiles_and_measures_without_onnx(tmp_path, tiny_target):
     spec = make_device(name="torch-cpu", runtime="torch", provider="cpu", threads=1)
     store = SampleStore(tmp_path / "p.jsonl")

@@ -118,6 +118,7 @@ def test_latency_budgets_are_met_by_prediction_and_measured_once(tmp_path):
     assert [m["latency_ms"] for m in again["members"]] == [m["latency_ms"] for m in report["members"]]
 
 
+@pytest.mark.slow
 def test_members_survive_an_interrupted_run_and_are_not_redone(tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     exported = []
@@ -140,6 +141,7 @@ def test_members_survive_an_interrupted_run_and_are_not_redone(tmp_path):
     assert [m["id"] for m in report["members"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_training_interrupted_mid_joint_stage_resumes_without_searching_again(tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     seen = []

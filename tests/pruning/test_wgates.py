@@ -280,6 +280,7 @@ class PipelineLatency(FakeLatency):
                          ms_per_mmac=1.0, bias=bias)
 
 
+@pytest.mark.slow
 def test_pipeline_remeasures_and_trims_a_latency_budget(tmp_path):
     latency = PipelineLatency("resnet20", 16, 1, bias=1.6)
     dense_ms = float(latency.cost_model.dense_macs) / 1e6
@@ -338,6 +339,7 @@ def prune_slower_after_finisher(latency: SlowerAfterFinisher, out) -> tuple[dict
     return run_prune(request, out, progress=progress, latency=latency), target
 
 
+@pytest.mark.slow
 def test_pipeline_trims_the_fine_tuned_model_when_the_final_reading_is_over_the_budget(tmp_path, monkeypatch):
     from pruning import pipeline
 
@@ -397,6 +399,7 @@ def prune_through_slow_spell(out, spell: int) -> tuple[dict, float, dict, dict]:
     return report, target, report["latency_ms"], report["latency_ms"]["measurements"][-1]
 
 
+@pytest.mark.slow
 def test_a_slow_spell_after_the_finisher_does_not_trim_the_fine_tuned_model(tmp_path):
     # Each reading times the candidate 5 times: the spell covers the first 3 final readings, not the next ones.
     report, target, section, accepted = prune_through_slow_spell(tmp_path, 15)
@@ -524,6 +527,7 @@ def test_floors_within_the_tolerance_of_the_budget_are_left_alone(floor_toleranc
         assert info["floor_min_keep"] < 0.9 and bias * ctx.budget.hard(info["floors"]) <= 0.05
 
 
+@pytest.mark.slow
 def test_a_slow_spell_over_every_final_reading_is_rechecked_before_the_report_takes_it(tmp_path):
     # The spell covers all six final readings (5 timings each) and ends before the post-fine-tune trim reads the
     # model: the trim finds it within the band and the report carries that reading, not the slow ones.

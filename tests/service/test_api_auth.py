@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 
+import pytest
+
 from service.auth import hash_key, revoke_key
 from service.db import session_scope
 from service.models import ApiKey, Artifact, Job, Subnet
@@ -53,6 +55,7 @@ def _populate(env, headers, weights_dir) -> dict[str, int]:  # noqa: ANN001
     return {"device": device, "model": model, "job": job}
 
 
+@pytest.mark.slow
 def test_tenant_isolation_on_every_endpoint(env, weights_dir):
     alice, bob = env.key(), env.key()
     ids = _populate(env, alice, weights_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from service.db import session_scope
@@ -96,6 +97,7 @@ def test_pareto_png(env):
     assert r.status_code == 409 and "no evaluated subnets" in r.json()["detail"]
 
 
+@pytest.mark.slow
 def test_predictions_for_a_device_registered_after_the_job(env):
     headers = env.key()
     old = device(env, headers, "old")

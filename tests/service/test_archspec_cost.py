@@ -32,6 +32,7 @@ def counted_helper(monkeypatch) -> list[list[str]]:  # noqa: ANN001
     return calls
 
 
+@pytest.mark.slow
 def test_one_helper_per_architecture_and_shapes_match_a_real_build(monkeypatch, fresh_cache):
     calls = counted_helper(monkeypatch)
     for arch in ("resnet20", "squeezenet1_0", "mobilenet_v3_small"):
@@ -75,6 +76,7 @@ def test_cache_is_bounded(monkeypatch, fresh_cache):
     assert len(engine_info._states) == engine_info.CACHE_ENTRIES
 
 
+@pytest.mark.slow
 def test_architecture_over_the_size_limit_refused_before_reading_weights(env, tmp_path):
     tiny = tmp_path / "tiny.safetensors"
     header = b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'

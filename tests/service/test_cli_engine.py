@@ -8,6 +8,9 @@ from typer.testing import CliRunner
 from pruning.surgery import onnx_macs
 from service.cli import app
 
+# Every test here runs real workers or jobs: seconds to minutes each.
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

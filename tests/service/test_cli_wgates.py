@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from service.cli import app
+
+# Every test here runs real workers or jobs: seconds to minutes each.
+pytestmark = pytest.mark.slow
 
 runner = CliRunner()
 

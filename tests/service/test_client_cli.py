@@ -167,6 +167,7 @@ def test_cli_admin_and_db(cli, live, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "0002_device_queue" in r.output
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_do_not_exhaust_the_pool(live, key):
     import asyncio
 

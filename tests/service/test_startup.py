@@ -7,9 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_api_process_does_not_import_torch(tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -53,6 +56,7 @@ def test_openapi_has_examples(env):
     assert spec["components"]["schemas"]["JobCreate"]["examples"]
 
 
+@pytest.mark.slow
 def test_cohort_prediction_does_not_import_torch(tmp_path):
     from latency.device import DeviceSpec
     from service.auth import create_key

@@ -181,6 +181,7 @@ def _measure_stub(monkeypatch) -> list[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.slow
 def test_latency_cohort_waits_for_a_predictor_at_every_resolution(tmp_path, monkeypatch):
     from service.settings import Settings
     from workers.profile_job import run_measure, run_profile

@@ -6,6 +6,9 @@ import pytest
 
 from pruning.registry import METHODS
 
+# Every test here runs real workers or jobs: seconds to minutes each.
+pytestmark = pytest.mark.slow
+
 SINGLE_MODEL_METHODS = sorted(name for name, info in METHODS.items() if not info.produces_cohort)
 
 

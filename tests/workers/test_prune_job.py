@@ -86,6 +86,7 @@ def test_finished_or_cancelled_jobs_are_not_rerun(settings):
     assert run_job(settings, flagged, lambda *a: None) == "cancelled"
 
 
+@pytest.mark.slow
 def test_latency_job_waits_for_profiling_then_runs(settings):
     job_id = _job(settings, {"kind": "latency_ms", "value": 10.0})
     sent: list = []

@@ -89,6 +89,7 @@ def test_no_recovery_or_locks_on_redis(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_job_of_a_killed_worker_runs_again_when_a_worker_starts(embedded_stack: Stack):
     stack = embedded_stack
     job = stack.submit(epochs=12)

@@ -95,6 +95,7 @@ def _run_many_tasks(tmp_path, n: int) -> None:
         stop_worker(worker)
 
 
+@pytest.mark.slow
 def test_table_stays_bounded_under_a_worker(tmp_path):
     _run_many_tasks(tmp_path, 10)
 

@@ -72,6 +72,7 @@ def _stop(proc: subprocess.Popen, out: Path, signum: int = signal.SIGINT) -> Non
         assert not Path(f"/proc/{pid}").exists(), f"child {pid} of latprune up still runs"
 
 
+@pytest.mark.slow
 def test_up_serves_and_profiles_new_devices(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +113,7 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
         _stop(proc, again, signal.SIGTERM)  # as `kill`, docker stop or systemd would
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     import onnxruntime as ort
 

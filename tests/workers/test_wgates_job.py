@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+# Every test here runs real workers or jobs: seconds to minutes each.
+pytestmark = pytest.mark.slow
+
 
 def test_wgates_latency_budget_job_through_the_service(redis_stack):
     c, h = redis_stack.client, redis_stack.headers

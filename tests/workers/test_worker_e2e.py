@@ -9,8 +9,12 @@ import signal
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from tests.workers.conftest import Stack, wait_for
+
+# Every test here runs real workers or jobs: seconds to minutes each.
+pytestmark = pytest.mark.slow
 
 
 def _events(stack: Stack, job_id: int) -> list[tuple[str, dict]]:
