@@ -22,6 +22,7 @@ from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import get_method
 from pruning.surgery import materialize
 from pruning.train import Cancelled, checkpoint_path
+from tests.pruning.helpers import CancelAfter
 from tests.pruning.test_wgates import FakeLatency, PipelineLatency, tiny_setup
 
 
@@ -50,18 +51,6 @@ def context(budget_text: str = "flops=0.5", setup=tiny_setup, latency=None, epoc
                                                                                              shuffle=False),
                          device=torch.device("cpu"), epochs=epochs, lr=0.01, seed=3,
                          checkpoint_dir=checkpoint_dir, should_cancel=should_cancel)
-
-
-class CancelAfter:
-    """should_cancel: False for the first `steps` calls (steps done), then True."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.calls = 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.steps
 
 
 class Captured:

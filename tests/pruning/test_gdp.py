@@ -21,6 +21,7 @@ from pruning.registry import get_method
 from pruning.surgery import channel_scales, materialize
 from pruning.train import Cancelled
 from tests.pruning.conftest import randomize_norms
+from tests.pruning.helpers import arch_setup
 from tests.pruning.test_wgates import FakeLatency, random_loader, tiny_setup
 
 # Few steps, so the tests push hard: lambda grows fast and theta may fall by 90% in a step.
@@ -170,15 +171,6 @@ def test_a_cancelled_run_resumes_to_the_uninterrupted_result_and_eps_schedule(tm
     steps, anneal = whole.info["steps"], 12
     assert resumed.info["eps_trace"] == pytest.approx([gdp.annealed_eps(s, anneal, 1e-2, 1e-6) for s in range(steps)])
     assert math.isclose(resumed.info["eps_final"], 1e-6, rel_tol=1e-5)
-
-
-def arch_setup(arch: str, resolution: int):
-    def setup():
-        torch.manual_seed(0)
-        model = zoo.build_model(arch, 4, 3).eval()
-        graph = ChannelGraph.build(model, (1, 3, resolution, resolution))
-        return model, graph, CostModel(graph)
-    return setup
 
 
 @pytest.mark.slow

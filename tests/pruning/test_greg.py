@@ -24,6 +24,7 @@ from pruning.methods.greg_params import GRegParams
 from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import get_method
 from pruning.train import Cancelled, train
+from tests.pruning.helpers import CancelAfter, arch_setup
 from tests.pruning.test_wgates import PipelineLatency, random_loader, resnet20_setup, tiny_setup
 
 # The machine is shared: one thread per test process keeps tiny convolutions from fighting over the cores.
@@ -181,18 +182,6 @@ def test_greg2_run_reports_the_reselection():
     assert info["final_lambda"] == 5.0
 
 
-class CancelAfter:
-    """should_cancel that answers True once `steps` calls have passed (train asks before every step)."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.calls = 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.steps
-
-
 def test_a_cancelled_run_resumes_to_the_uninterrupted_result(tmp_path):
     params = {"variant": "greg2", "pick_ceiling": 0.5, "pick_delta_lambda": 0.1, "stabilize_steps": 3}
     whole = greg.run(greg_context(epochs=5, **params))
@@ -210,21 +199,12 @@ def test_a_cancelled_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-def small_arch(arch: str, resolution: int):
-    def setup():
-        torch.manual_seed(0)
-        model = zoo.build_model(arch, 4, 3).eval()
-        graph = ChannelGraph.build(model, (1, 3, resolution, resolution))
-        return model, graph, CostModel(graph)
-    return setup
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "resnet56", "resnet18", "mobilenet_v2"])
 def test_greg_prunes_every_architecture_family(arch):
     resolution = 8 if arch.startswith("resnet") and arch != "resnet18" else 16
     loader = random_loader(n=16, batch=8, resolution=resolution)
-    ctx = greg_context("flops=0.6", epochs=1, setup=small_arch(arch, resolution), loader=loader,
+    ctx = greg_context("flops=0.6", epochs=1, setup=arch_setup(arch, resolution), loader=loader,
                        variant="greg2", update_interval_steps=1, delta_lambda=1.0, pick_ceiling=0.1,
                        pick_delta_lambda=0.1)
     greg.check(ctx.model, ctx.graph, ctx.params)

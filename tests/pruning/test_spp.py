@@ -10,9 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from pruning import zoo
 from pruning.budget import Budget, BudgetCost, parse_budget
-from pruning.cost import CostModel
 from pruning.groups import ChannelGraph
 from pruning.importance import L1Importance
 from pruning.methods import spp
@@ -21,6 +19,7 @@ from pruning.methods.spp_params import SPPParams
 from pruning.pipeline import PruneRequest, run_prune
 from pruning.registry import get_method
 from pruning.train import Cancelled
+from tests.pruning.helpers import CancelAfter, arch_setup
 from tests.pruning.test_wgates import PipelineLatency, random_loader, tiny_setup
 
 torch.set_num_threads(1)
@@ -246,17 +245,6 @@ def test_fit_to_epochs_shortens_the_interval_then_scales_the_increments_to_the_p
     assert spp.planned_schedule(params, [0, 0], 10) == (180, 0.05)
 
 
-class CancelAfter:
-    """should_cancel answering True once `steps` calls have passed (train asks before every step)."""
-
-    def __init__(self, steps: int):
-        self.steps, self.calls = steps, 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.steps
-
-
 def test_a_cancelled_run_resumes_to_the_uninterrupted_result(tmp_path, recorded):
     params = {"increment_scale": 0.2, "interval_steps": 2}
     whole = spp.run(spp_context(epochs=4, **params))
@@ -276,21 +264,12 @@ def test_a_cancelled_run_resumes_to_the_uninterrupted_result(tmp_path, recorded)
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-def small_arch(arch: str, resolution: int):
-    def setup():
-        torch.manual_seed(0)
-        model = zoo.build_model(arch, 4, 3).eval()
-        graph = ChannelGraph.build(model, (1, 3, resolution, resolution))
-        return model, graph, CostModel(graph)
-    return setup
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "resnet56", "resnet18", "mobilenet_v2"])
 def test_spp_prunes_every_architecture_family(arch):
     resolution = 8 if arch.startswith("resnet") and arch != "resnet18" else 16
     loader = random_loader(n=16, batch=8, resolution=resolution)
-    ctx = spp_context("flops=0.6", epochs=1, setup=small_arch(arch, resolution), loader=loader,
+    ctx = spp_context("flops=0.6", epochs=1, setup=arch_setup(arch, resolution), loader=loader,
                       increment_scale=1.0)
     spp.check(ctx.model, ctx.graph, ctx.params)
     selection = spp.run(ctx)
