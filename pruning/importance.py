@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -11,19 +12,31 @@ from pruning.groups import ChannelGraph
 
 
 @torch.no_grad()
-def group_weight_norms(model: nn.Module, graph: ChannelGraph, p: int = 1) -> list[torch.Tensor]:
-    """Per-channel L`p` norm of each group's producing filters, each layer normalised by its mean, summed."""
+def producer_scores(model: nn.Module, graph: ChannelGraph,
+                    per_filter: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Per-channel scores of every group: `per_filter` of each producing layer's filters ([out, fan-in] -> [out]),
+    each layer normalised by its mean, summed over the group's producers."""
     scores = []
     for group in graph.groups:
         total = torch.zeros(group.size)
         for share in group.out_layers:
             if share.channels != group.size:
                 continue
-            weight = model.get_submodule(share.layer).weight.detach().float().cpu()
-            norms = weight.flatten(1).norm(p=p, dim=1)
-            total += norms / norms.mean().clamp_min(1e-12)
+            values = per_filter(model.get_submodule(share.layer).weight.detach().float().cpu().flatten(1))
+            total += values / values.mean().clamp_min(1e-12)
         scores.append(total)
     return scores
+
+
+def group_weight_norms(model: nn.Module, graph: ChannelGraph, p: int = 1) -> list[torch.Tensor]:
+    """Per-channel L`p` norm of each group's producing filters, each layer normalised by its mean, summed."""
+    return producer_scores(model, graph, lambda weight: weight.norm(p=p, dim=1))
+
+
+def fpgm_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+    """FPGM (He et al., 2019): a filter's summed distance to the layer's other filters; the filters nearest the
+    geometric median are the most replaceable. Each layer normalised by its mean, summed over the producers."""
+    return producer_scores(model, graph, lambda weight: torch.cdist(weight, weight).sum(dim=1))
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from pruning.allocation import bisect_scalar, masks_from_counts, round_counts
 from pruning.budget import BudgetCost, BudgetError
 from pruning.groups import ChannelGraph
-from pruning.importance import BNScaleImportance, L1Importance, L2Importance
+from pruning.importance import BNScaleImportance, L1Importance, L2Importance, fpgm_scores
 from pruning.methods.adapruner_params import AdaPrunerParams
 from pruning.methods.api import MethodContext, NotApplicable, Selection
 from pruning.methods.ofa import recalibrate_bn
@@ -150,23 +150,6 @@ def top_up(counts: list[int], exact: Sequence[float], widths: BlockWidths, budge
 
 
 # ---- inheritance criteria ------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def fpgm_scores(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
-    """FPGM (He et al., 2019): a filter's summed distance to the layer's other filters; the filters nearest the
-    geometric median are the most replaceable. Each layer normalised by its mean, summed over the producers."""
-    scores = []
-    for group in graph.groups:
-        total = torch.zeros(group.size)
-        for share in group.out_layers:
-            if share.channels != group.size:
-                continue
-            weight = model.get_submodule(share.layer).weight.detach().float().cpu().flatten(1)
-            distance = torch.cdist(weight, weight).sum(dim=1)
-            total += distance / distance.mean().clamp_min(1e-12)
-        scores.append(total)
-    return scores
-
 
 def criterion_scores(name: str, model: nn.Module, graph: ChannelGraph, seed: int) -> list[torch.Tensor]:
     """Per-channel scores of one inheritance criterion (higher: inherited first)."""

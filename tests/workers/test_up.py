@@ -18,6 +18,13 @@ from tests.workers.conftest import ROOT, TINY_JOB, wait_for
 LATPRUNE = str(Path(sys.executable).parent / "latprune")
 
 
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _start_up(home: Path, port: int, out: Path) -> subprocess.Popen:
     env = {**os.environ, "LATPRUNE_HOME": str(home), "LATPRUNE_PORT": str(port)}
     # Unset: `latprune up` itself must give its worker one compute thread.
@@ -74,9 +81,7 @@ def _stop(proc: subprocess.Popen, out: Path, signum: int = signal.SIGINT) -> Non
 
 @pytest.mark.slow
 def test_up_serves_and_profiles_new_devices(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "up.out"
     proc = _start_up(tmp_path, port, out)
     try:
@@ -117,9 +122,7 @@ def test_up_serves_and_profiles_new_devices(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     import onnxruntime as ort
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "LATPRUNE_HOME": str(tmp_path / "home"), "LATPRUNE_PORT": str(port),
            "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     for name in ("LATPRUNE_DATABASE_URL", "LATPRUNE_BROKER_URL", "LATPRUNE_API_KEY", "LATPRUNE_API_URL"):
@@ -144,9 +147,7 @@ def _celery_pid(up: subprocess.Popen) -> int:
 
 @pytest.mark.slow
 def test_up_restarts_a_killed_worker_and_api(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "up.out"
     proc = _start_up(tmp_path, port, out)
     try:
